@@ -1,0 +1,30 @@
+# One-command set-up: a local virtual environment with the pinned CPU torch, then the project.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch would pull gigabytes of CUDA wheels here.
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/scratchlm tokenizer train --input builtin:python-stdlib --vocab-size 4096 --out runs/tokenizer
+	$(VENV)/bin/scratchlm tokenizer show --tokenizer runs/tokenizer "def greet(name):\n    return f'Hello, {name}! 😊'"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
