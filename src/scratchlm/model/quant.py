@@ -1,0 +1,591 @@
+"""Weight-only quantization of a trained model: INT8 per channel, INT4 per group, RTN or GPTQ.
+
+What it is for: making a model small. Every `nn.Linear` (and, separately, the token embedding
+and the output head) is swapped from outside for a module that stores integer codes plus scales
+and dequantizes on the fly in `forward`:
+
+- INT8: symmetric, one scale per output channel: `w = q * scale`, `q` in [-127, 127].
+- INT4: asymmetric, one scale and one offset (fp16) per group of `group_size` input columns:
+  `w = q * scale + offset`, `q` in [0, 15], two codes packed per byte (low nibble first).
+- Round-to-nearest (`method="rtn"`), or GPTQ (`method="gptq"`): columns are quantized one at a
+  time and each one's rounding error is pushed onto the columns not yet quantized through the
+  inverse Hessian of calibration activations (Frantar et al., 2022), layer after layer, so each
+  layer is calibrated on the outputs of the already-quantized layers before it.
+
+A quantized run dir stores the codes and scales in `model.safetensors` (names like
+`layers.0.attn.q_proj.qweight` / `.scale` / `.offset`) and says which module has which format in
+the `quantization` section of `config.json`; `apply_quantization(model, section)` rebuilds the
+empty quantized modules so that the state dict loads (runs.load_run calls it).
+
+Not for: activation quantization, training in low precision, or fast integer kernels (the
+matmul runs in the activations' float dtype after dequantizing the weight).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scratchlm.errors import UserError
+
+FORMAT = "scratchlm-quant-v1"
+SUPPORTED_BITS = (4, 8)
+METHODS = ("rtn", "gptq")
+EMBEDDING_NAME = "tok_embeddings"
+HEAD_NAME = "lm_head"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor math: codes, scales, packing
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized 2-D weight `[rows, cols]` in storage form.
+
+    `qweight` is int8 `[rows, cols]` (8 bits) or uint8 `[rows, cols / 2]` (4 bits, packed);
+    `scale` is `[rows, n_groups]`; `offset` is `[rows, n_groups]` for 4 bits, else None.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    bits: int
+    cols: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale, self.offset, self.bits, self.cols, dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (uint8 in [0, 15], even last dim) two per byte, even index in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of 4-bit codes ({codes.shape[-1]})")
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: uint8 `[..., n]` -> uint8 codes `[..., 2n]`."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and offset) for each row of `w [rows, group]`, rounded to their storage dtype.
+
+    INT8 is symmetric (scale = max|w| / 127, fp32). INT4 is asymmetric over [min, max] with fp16
+    scale and offset; the codes are computed from the rounded values so that storing them loses
+    nothing further.
+    """
+    w = w.float()
+    if bits == 8:
+        scale = w.abs().amax(dim=1) / 127.0
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    if bits == 4:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        offset = lo.half()
+        # Round the scale up so that (hi - offset) / scale stays within 15 after fp16 rounding.
+        scale = ((hi - offset.float()) / 15.0).half()
+        scale = torch.where(scale.float() * 15.0 < hi - offset.float(), _next_up_half(scale), scale)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale.float(), offset.float()
+    raise ValueError(f"unsupported bits {bits}")
+
+
+def _next_up_half(x: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(x, torch.full_like(x, math.inf))
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Round-to-nearest codes for `w [rows, k]` with per-row `scale`/`offset` `[rows]`."""
+    if bits == 8:
+        return torch.clamp(torch.round(w / scale[:, None]), -127, 127)
+    return torch.clamp(torch.round((w - offset[:, None]) / scale[:, None]), 0, 15)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    w = codes * scale[:, None]
+    return w if offset is None else w + offset[:, None]
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of `w [rows, cols]`.
+
+    INT8 is per row (`group_size` must be None); INT4 uses groups of `group_size` columns
+    (None = one group per row).
+    """
+    rows, cols = w.shape
+    group = _check_group(bits, group_size, cols, "weight")
+    groups = w.float().reshape(rows * (cols // group), group)
+    scale, offset = group_params(groups, bits)
+    codes = quantize_codes(groups, scale, offset, bits).reshape(rows, cols)
+    return _to_storage(codes, scale.reshape(rows, -1), None if offset is None else offset.reshape(rows, -1), bits)
+
+
+def _to_storage(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> QuantizedWeight:
+    cols = codes.shape[1]
+    if bits == 8:
+        return QuantizedWeight(codes.to(torch.int8), scale.float().contiguous(), None, 8, cols)
+    return QuantizedWeight(
+        pack_int4(codes.to(torch.uint8)).contiguous(),
+        scale.half().contiguous(),
+        offset.half().contiguous(),
+        4,
+        cols,
+    )
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    bits: int,
+    cols: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Storage form back to a float weight `[rows, cols]` (works on row subsets too)."""
+    codes = unpack_int4(qweight) if bits == 4 else qweight
+    rows, n_groups = scale.shape[:-1], scale.shape[-1]
+    w = codes.to(dtype).reshape(*rows, n_groups, cols // n_groups) * scale.to(dtype)[..., None]
+    if offset is not None:
+        w = w + offset.to(dtype)[..., None]
+    return w.reshape(*rows, cols)
+
+
+def _check_group(bits: int, group_size: int | None, cols: int, name: str) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise UserError(f"unsupported bits {bits} for {name}: use 8 or 4")
+    if bits == 8:
+        if group_size not in (None, cols):
+            raise UserError(f"INT8 is per output channel; --group-size applies to INT4 only ({name})")
+        return cols
+    group = cols if group_size is None else group_size
+    if group <= 0 or group % 2 or cols % group:
+        raise UserError(
+            f"{name}: input size {cols} is not a multiple of the INT4 group size {group} "
+            "(pick a group size that divides it, e.g. 32 or 64)"
+        )
+    return group
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules swapped in for nn.Linear / nn.Embedding
+
+
+class _QuantStore(nn.Module):
+    """Buffers shared by the quantized modules: codes, scale, offset, in the storage layout."""
+
+    def __init__(self, rows: int, cols: int, bits: int, group_size: int | None):
+        super().__init__()
+        group = _check_group(bits, group_size, cols, type(self).__name__)
+        self.bits, self.cols, self.rows = bits, cols, rows
+        self.group_size = None if bits == 8 else group
+        n_groups = cols // group
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(rows, cols, dtype=torch.int8))
+            self.register_buffer("scale", torch.ones(rows, 1, dtype=torch.float32))
+            self.register_buffer("offset", None)
+        else:
+            self.register_buffer("qweight", torch.zeros(rows, cols // 2, dtype=torch.uint8))
+            self.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float16))
+            self.register_buffer("offset", torch.zeros(rows, n_groups, dtype=torch.float16))
+
+    def set_quantized(self, qw: QuantizedWeight) -> None:
+        assert qw.bits == self.bits and qw.qweight.shape == self.qweight.shape, "shape mismatch"
+        self.qweight.copy_(qw.qweight)
+        self.scale.copy_(qw.scale)
+        if qw.offset is not None:
+            self.offset.copy_(qw.offset)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale, self.offset, self.bits, self.cols, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads `.weight` (not used in forward)."""
+        return self.dequantized(self.scale.dtype if self.bits == 8 else torch.float32)
+
+    def spec(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+
+class QuantLinear(_QuantStore):
+    """Weight-only quantized replacement for `nn.Linear` (same call, same output shape)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None):
+        super().__init__(out_features, in_features, bits, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qw: QuantizedWeight, group_size: int | None) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, qw.bits, group_size)
+        q.set_quantized(qw)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.data.float())
+        return q.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantEmbedding(_QuantStore):
+    """Quantized replacement for `nn.Embedding`: each row (token) is quantized along the model dim.
+
+    Only the looked-up rows are dequantized, so an embedding lookup stays cheap.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int | None, dtype=torch.float32):
+        super().__init__(num_embeddings, embedding_dim, bits, group_size)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        # The dtype activations should come out in (the float model's embedding dtype).
+        self.out_dtype = dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        offset = None if self.offset is None else self.offset[idx]
+        return dequantize(self.qweight[idx], self.scale[idx], offset, self.bits, self.cols, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+
+
+class TiedQuantHead(nn.Module):
+    """Output head sharing a `QuantEmbedding`'s codes (tied embeddings stay tied when quantized).
+
+    The embedding is held outside the module tree so the state dict stores the codes once.
+    """
+
+    def __init__(self, embedding: QuantEmbedding, bias: nn.Parameter | None = None):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+        self.bias = bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._embedding.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model quantization
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _is_tied(model: nn.Module) -> bool:
+    emb = getattr(model, EMBEDDING_NAME, None)
+    head = getattr(model, HEAD_NAME, None)
+    if emb is None or head is None:
+        return False
+    ew, hw = getattr(emb, "weight", None), getattr(head, "weight", None)
+    return isinstance(ew, torch.Tensor) and isinstance(hw, torch.Tensor) and ew.data_ptr() == hw.data_ptr()
+
+
+def _block_linears(model: nn.Module) -> list[str]:
+    """Names of the projections inside the transformer blocks, in module order."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name != HEAD_NAME and not isinstance(m, (QuantLinear, TiedQuantHead))
+    ]
+
+
+def _resolve_bits(value, default: int | None, what: str) -> int | None:
+    if value == "same":
+        return default
+    if value in (None, 0, "none", "float"):
+        return None
+    try:
+        bits = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what}: expected 8, 4 or none, got {value!r}") from None
+    if bits not in SUPPORTED_BITS:
+        raise UserError(f"{what}: expected 8, 4 or none, got {value!r}")
+    return bits
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int = 8,
+    group_size: int | None = 64,
+    method: str = "rtn",
+    embed_bits: int | str | None = "same",
+    head_bits: int | str | None = "same",
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Quantize `model` in place and return the `quantization` section for its config.json.
+
+    `bits` applies to the block projections; `embed_bits` / `head_bits` (8, 4, None = keep float,
+    "same" = `bits`) to the token embedding and the output head. A tied head follows the
+    embedding. `group_size` is used by INT4 only. GPTQ needs `calibration`, token windows
+    `[N, T]` (see `calibration_windows`); the embedding is always round-to-nearest.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown quantization method {method!r}: use one of {', '.join(METHODS)}")
+    bits = _resolve_bits(bits, None, "--bits")
+    if bits is None:
+        raise UserError("--bits: expected 8 or 4")
+    embed_bits = _resolve_bits(embed_bits, bits, "--embed-bits")
+    head_bits = _resolve_bits(head_bits, bits, "--head-bits")
+    if method == "gptq" and calibration is None:
+        raise UserError("GPTQ needs calibration data: pass --calibration DATASET_DIR")
+    group_of = lambda b: None if b == 8 else group_size  # noqa: E731
+    tied = _is_tied(model)
+
+    plan: dict[str, int] = {name: bits for name in _block_linears(model)}
+    if head_bits is not None and not tied and isinstance(getattr(model, HEAD_NAME, None), nn.Linear):
+        plan[HEAD_NAME] = head_bits
+
+    if method == "gptq":
+        _gptq_model(model, plan, group_of, calibration, batch_size, progress)
+    else:
+        for name, b in _progress(list(plan.items()), progress, "quantize (rtn)"):
+            linear = model.get_submodule(name)
+            qw = quantize_weight(linear.weight.data, b, group_of(b))
+            _set_module(model, name, QuantLinear.from_linear(linear, qw, group_of(b)))
+
+    modules = {name: {"bits": b, "group_size": group_of(b)} for name, b in plan.items()}
+    if embed_bits is not None and isinstance(getattr(model, EMBEDDING_NAME, None), nn.Embedding):
+        modules.update(_quantize_embedding(model, embed_bits, group_of(embed_bits), tied))
+    return {"format": FORMAT, "method": method, "bits": bits, "group_size": group_size if 4 in {
+        m.get("bits") for m in modules.values()} else None, "modules": modules}
+
+
+def _quantize_embedding(model: nn.Module, bits: int, group_size: int | None, tied: bool) -> dict:
+    emb: nn.Embedding = getattr(model, EMBEDDING_NAME)
+    qw = quantize_weight(emb.weight.data, bits, group_size)
+    qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, bits, group_size, emb.weight.dtype)
+    qemb.set_quantized(qw)
+    qemb.to(emb.weight.device)
+    setattr(model, EMBEDDING_NAME, qemb)
+    spec = {EMBEDDING_NAME: qemb.spec()}
+    if tied:
+        head = getattr(model, HEAD_NAME)
+        setattr(model, HEAD_NAME, TiedQuantHead(qemb, getattr(head, "bias", None)))
+        spec[HEAD_NAME] = {"tied_to": EMBEDDING_NAME}
+    return spec
+
+
+def apply_quantization(model: nn.Module, section: dict, where: str = "config.json") -> nn.Module:
+    """Swap in empty quantized modules as the `quantization` section says, so a saved state loads.
+
+    Called by `runs.load_run` between building the float model and loading `model.safetensors`.
+    """
+    if not isinstance(section, dict) or section.get("format") != FORMAT:
+        raise UserError(f"{where}: quantization.format must be {FORMAT!r}")
+    modules = section.get("modules")
+    if not isinstance(modules, dict):
+        raise UserError(f"{where}: quantization.modules must be an object")
+    for name, spec in modules.items():
+        if "tied_to" in spec:
+            continue
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{where}: quantization.modules names {name!r}, which the model does not have") from None
+        bits, group = spec.get("bits"), spec.get("group_size")
+        if isinstance(current, nn.Embedding):
+            new = QuantEmbedding(current.num_embeddings, current.embedding_dim, bits, group, current.weight.dtype)
+        elif isinstance(current, nn.Linear):
+            new = QuantLinear(current.in_features, current.out_features, current.bias is not None, bits, group)
+        else:
+            raise UserError(f"{where}: quantization.modules[{name!r}] is not a Linear or Embedding")
+        _set_module(model, name, new.to(_device_of(current)))
+    for name, spec in modules.items():
+        if "tied_to" in spec:
+            target = model.get_submodule(spec["tied_to"])
+            head = model.get_submodule(name)
+            _set_module(model, name, TiedQuantHead(target, getattr(head, "bias", None)))
+    return model
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (_QuantStore, TiedQuantHead)) for m in model.modules())
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (each shared tensor counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ
+
+
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """GPTQ for one weight `[rows, cols]` given `hessian = sum x x^T` of its inputs `[cols, cols]`.
+
+    Columns are quantized left to right; the error of each is spread over the remaining columns
+    through the upper Cholesky factor of the inverse Hessian, so that the layer's output on the
+    calibration inputs changes as little as possible. Groups are aligned with the blocks so each
+    group's scale is computed from the error-corrected weights it will actually hold.
+    """
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    group = _check_group(bits, group_size, cols, "weight")
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    U = _inverse_hessian_factor(H)
+
+    block = group if group >= block_size else (block_size // group) * group
+    codes = torch.zeros_like(W)
+    scales, offsets = torch.zeros(rows, cols // group), torch.zeros(rows, cols // group)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        err = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                s, o = group_params(W1[:, i : i + group], bits)
+                scales[:, col // group] = s
+                if o is not None:
+                    offsets[:, col // group] = o
+            w = W1[:, i]
+            q = quantize_codes(w[:, None], s, o, bits)[:, 0]
+            codes[:, col] = q
+            e = (w - dequantize_codes(q[:, None], s, o)[:, 0]) / U1[i, i]
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            err[:, i] = e
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    return _to_storage(codes, scales, offsets if bits == 4 else None, bits)
+
+
+def _inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, adding damping until H is positive definite."""
+    eye = torch.eye(H.shape[0], device=H.device)
+    extra = 0.0
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + extra * eye)
+        if info == 0:
+            break
+        extra = max(extra * 10, 1e-3 * float(torch.diag(H).mean()))
+    else:
+        raise RuntimeError("GPTQ: Hessian is not positive definite even after damping")
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a calibration forward once the layer of interest has run."""
+
+
+def _gptq_model(model, plan: dict[str, int], group_of: Callable, calibration, batch_size, progress) -> None:
+    """Quantize the planned linears block by block, each calibrated on the quantized prefix."""
+    layers = getattr(model, "layers", None)
+    stages: list[tuple[nn.Module | None, list[str]]] = []
+    if layers is not None:
+        for i, layer in enumerate(layers):
+            names = [n for n in plan if n.startswith(f"layers.{i}.")]
+            if names:
+                stages.append((layer, names))
+    rest = [n for n in plan if not any(n in names for _, names in stages)]
+    if rest:
+        stages.append((None, rest))
+
+    calibration = torch.as_tensor(calibration, dtype=torch.long)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    for stop_at, names in _progress(stages, progress, "quantize (gptq)"):
+        hessians = _collect_hessians(model, names, stop_at, calibration, batch_size, device)
+        for name in names:
+            linear = model.get_submodule(name)
+            b = plan[name]
+            qw = gptq_quantize_weight(linear.weight.data, hessians[name], b, group_of(b))
+            _set_module(model, name, QuantLinear.from_linear(linear, qw, group_of(b)))
+    model.train(was_training)
+
+
+@torch.no_grad()
+def _collect_hessians(model, names, stop_at, calibration, batch_size, device) -> dict[str, torch.Tensor]:
+    hessians: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            h = x.T @ x
+            hessians[name] = hessians[name] + h if name in hessians else h
+
+        return hook
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
+    if stop_at is not None:
+        handles.append(stop_at.register_forward_hook(stop))
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            try:
+                model(calibration[start : start + batch_size].to(device))
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in hessians]
+    if missing:
+        raise RuntimeError(f"GPTQ: no calibration inputs reached {missing}")
+    return hessians
+
+
+def calibration_windows(dataset_dir, n_windows: int = 128, seq_len: int = 256, seed: int = 0, split: str = "train") -> torch.Tensor:
+    """`n_windows` random token windows `[n, seq_len]` from a dataset dir, for GPTQ."""
+    from scratchlm.data.loader import TokenLoader
+
+    loader = TokenLoader(dataset_dir, split=split, seq_len=seq_len, batch_size=n_windows, seed=seed)
+    inputs, _ = loader.next_batch()[:2]
+    return inputs
+
+
+def _progress(items: list, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", leave=False)
