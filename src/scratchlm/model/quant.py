@@ -366,8 +366,14 @@ def quantize_model(
     modules = {name: {"bits": b, "group_size": group_of(b)} for name, b in plan.items()}
     if embed_bits is not None and isinstance(getattr(model, EMBEDDING_NAME, None), nn.Embedding):
         modules.update(_quantize_embedding(model, embed_bits, group_of(embed_bits), tied))
-    return {"format": FORMAT, "method": method, "bits": bits, "group_size": group_size if 4 in {
-        m.get("bits") for m in modules.values()} else None, "modules": modules}
+    uses_groups = any(m.get("bits") == 4 for m in modules.values())
+    return {
+        "format": FORMAT,
+        "method": method,
+        "bits": bits,
+        "group_size": group_size if uses_groups else None,
+        "modules": modules,
+    }
 
 
 def _quantize_embedding(model: nn.Module, bits: int, group_size: int | None, tied: bool) -> dict:
