@@ -19,6 +19,7 @@ from scratchlm.errors import UserError
 VERB_MODULES = [
     "scratchlm.tokenizer.cli",
     "scratchlm.data.cli",
+    "scratchlm.model.cli",
     "scratchlm.train.cli",
     "scratchlm.posttrain.cli",
     "scratchlm.eval.cli",

@@ -218,3 +218,20 @@ def model_config(preset: str, **overrides: Any) -> ModelConfig:
     fields.update(overrides)
     fields["preset"] = preset
     return ModelConfig(**fields)
+
+
+def config_from_mapping(d: dict[str, Any], where: str = "model config") -> ModelConfig:
+    """A config from a recipe's or run's "model" table: a preset name plus overrides, or every
+    field (a saved `to_dict()`, which may name the preset it came from)."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: the model section must be a table/object, got {type(d).__name__}")
+    fields = dict(d)
+    preset = fields.pop("preset", None)
+    try:
+        if preset:
+            return model_config(preset, **fields)
+        return ModelConfig.from_dict(fields)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    except TypeError as e:  # a value of the wrong type that the dataclass choked on
+        raise UserError(f"{where}: {e}") from None
