@@ -1,10 +1,14 @@
 """Text sources shared by every stage: turn source specs into a stream of documents.
 
 A spec is a `.txt` (or other plain text) file, which is one document; a `.jsonl` file, one
-document per line taken from a field (`text` by default); a directory or glob of those; or
-`builtin:NAME` (see `scratchlm.data.builtin`). Invalid UTF-8 is replaced and counted, never a
-crash; a malformed JSONL line is skipped and reported with its file and line number, or raises
-with `strict=True`. Not for cleaning, deduplication or tokenization (see the other data modules).
+document per line taken from a field (`text` by default); a `.parquet` file, one document per
+row of its `text` column (read in record batches with pyarrow); a directory or glob of those;
+`builtin:NAME` (see `scratchlm.data.builtin`); or `hf:NAME[:CONFIG][:SPLIT]`, a Hugging Face
+dataset streamed with the optional `datasets` package (NAME may be a local directory of data
+files). Invalid UTF-8 is replaced and counted, never a crash; a malformed JSONL line or a null
+Parquet value is skipped and reported with its file and line/row, or raises with `strict=True`;
+a Parquet file without the text column is an error naming its columns. Not for cleaning,
+deduplication or tokenization (see the other data modules).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from scratchlm.errors import UserError
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 MAX_REPORTED_PROBLEMS = 20
+HF_PREFIX = "hf:"
 
 
 @dataclass
@@ -53,6 +58,8 @@ def as_spec_list(specs: str | Iterable[str]) -> list[str]:
 
 def resolve_files(spec: str) -> list[Path]:
     """The files a spec names, in a deterministic order; a clear error when there are none."""
+    if spec.startswith(HF_PREFIX):
+        raise UserError(f"{spec!r} is a Hugging Face dataset, not a set of files")
     if spec.startswith("builtin:"):
         return builtin_files(spec.split(":", 1)[1])
     path = Path(spec)
@@ -60,12 +67,12 @@ def resolve_files(spec: str) -> list[Path]:
         matches = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
         files = [p for p in matches if _is_readable_kind(p)]
         if not files:
-            raise UserError(f"no readable .txt/.jsonl files match {spec!r}")
+            raise UserError(f"no readable .txt/.jsonl/.parquet files match {spec!r}")
         return files
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _is_readable_kind(p))
         if not files:
-            raise UserError(f"directory has no readable .txt/.jsonl files: {spec}")
+            raise UserError(f"directory has no readable .txt/.jsonl/.parquet files: {spec}")
         return files
     if path.is_file():
         return [path]
@@ -102,6 +109,9 @@ def iter_documents(
     if not spec_list:
         raise UserError("no input given")
     for spec in spec_list:
+        if spec.startswith(HF_PREFIX):
+            yield from _counted(iter_hf_dataset(spec, text_field, strict, stats), stats)
+            continue
         for path in resolve_files(spec):
             stats.files += 1
             for doc in _iter_file(path, spec, text_field, strict, stats):
@@ -110,6 +120,29 @@ def iter_documents(
                 stats.documents += 1
                 stats.bytes += len(doc.text.encode("utf-8", errors="surrogatepass"))
                 yield doc
+
+
+def _counted(docs: Iterator[Document], stats: SourceStats) -> Iterator[Document]:
+    stats.files += 1
+    for doc in docs:
+        if not doc.text:
+            stats.empty_documents += 1
+        stats.documents += 1
+        stats.bytes += len(doc.text.encode("utf-8", errors="surrogatepass"))
+        yield doc
+
+
+def input_size(specs: str | Iterable[str]) -> int | None:
+    """Total bytes of the files the specs name (for progress bars); None when unknown."""
+    total = 0
+    for spec in as_spec_list(specs):
+        if spec.startswith(HF_PREFIX):
+            return None
+        try:
+            total += sum(p.stat().st_size for p in resolve_files(spec))
+        except (UserError, OSError):
+            return None
+    return total
 
 
 def iter_texts(specs: str | Iterable[str], **kwargs) -> Iterator[str]:
@@ -165,3 +198,72 @@ def _malformed(message: str, strict: bool, stats: SourceStats) -> None:
     stats.malformed_lines += 1
     stats.report(message)
     return None
+
+
+# -- Parquet ----------------------------------------------------------------------------------
+PARQUET_BATCH_ROWS = 1024
+
+
+def _iter_parquet(path: Path, spec: str, text_field: str, strict: bool, stats: SourceStats):
+    """One document per row of the text column, read a record batch at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a core dependency
+        raise UserError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise UserError(f"{path}: Parquet file has no {text_field!r} column "
+                        f"(columns: {', '.join(columns) or 'none'})")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if isinstance(value, bytes):
+                value = decode_utf8(value, stats)
+            if not isinstance(value, str):
+                _malformed(f"{path}: row {row}: {text_field!r} is "
+                           f"{'null' if value is None else type(value).__name__}", strict, stats)
+                continue
+            yield Document(value, spec, f"{path}:{row}")
+
+
+EXTRA_SUFFIXES.add(".parquet")
+EXTRA_READERS[".parquet"] = _iter_parquet
+
+
+# -- Hugging Face datasets --------------------------------------------------------------------
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][:SPLIT]` -> (name, config or None, split, default "train")."""
+    parts = spec[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UserError(f"bad Hugging Face source {spec!r}; expected hf:NAME[:CONFIG][:SPLIT]")
+    name = parts[0]
+    config = parts[1] or None if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def iter_hf_dataset(spec: str, text_field: str, strict: bool, stats: SourceStats):
+    """Stream a Hugging Face dataset row by row (`datasets` is an optional dependency)."""
+    name, config, split = parse_hf_spec(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{spec}: reading Hugging Face datasets needs the optional package "
+                        "`datasets` (pip install datasets)") from None
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # network, missing dataset, bad config: all a user's to fix
+        raise UserError(f"{spec}: cannot open dataset ({type(e).__name__}: {e})") from None
+    for row_number, row in enumerate(stream, start=1):
+        value = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            _malformed(f"{spec}: row {row_number}: no string field {text_field!r}", strict, stats)
+            continue
+        yield Document(value, spec, f"{spec}:{row_number}")
