@@ -146,6 +146,6 @@ class TokenLoader:
         """UserError unless the ids were made by this tokenizer and fit the model's vocabulary."""
         verify_tokenizer_match(self.dataset.index, fingerprint, vocab_size, self.dataset.path)
 
-    @property
-    def tokens_per_epoch(self) -> int:
-        return self._windows_in(0) * self.seq_len
+    def windows_in_epoch(self, epoch: int) -> int:
+        """How many windows (global slots, all ranks together) an epoch holds."""
+        return self._epoch_plan(epoch)[1]

@@ -277,6 +277,34 @@ def verify_tokenizer_match(index: dict, fingerprint: str, vocab_size: int, where
                         f"model's {vocab_size}")
 
 
+def write_dataset(out_dir: str | os.PathLike, docs: dict[str, list], *, vocab_size: int,
+                  eot_id: int, tokenizer_sha256: str, shard_tokens: int = 1 << 24,
+                  extra: dict | None = None) -> Dataset:
+    """Write already tokenized documents (`{"train": [ids, ...], "val": [...]}`) as a dataset.
+
+    For tests and tools that make token streams without text (synthetic data, conversions);
+    text goes through `prepare_dataset`.
+    """
+    from scratchlm.files import atomic_write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_dataset_files(out_dir)
+    dtype = dtype_for_vocab(vocab_size)
+    shards, splits = [], {}
+    for split in SPLITS:
+        writer = ShardWriter(out_dir, split, dtype, shard_tokens, eot_id)
+        for ids in docs.get(split, []):
+            writer.add_document(ids)
+        shards += writer.close()
+        splits[split] = {"tokens": writer.tokens, "docs": writer.docs, "shards": len(writer.records)}
+    index = {"version": INDEX_VERSION, "dtype": dtype, "vocab_size": int(vocab_size),
+             "eot_id": int(eot_id), "tokenizer_sha256": tokenizer_sha256, "eot": EOT_LAYOUT,
+             "shards": shards, "splits": splits, "sources": [], "stats": {}, **(extra or {})}
+    atomic_write_json(out_dir / INDEX_NAME, index)
+    return Dataset.open(out_dir, verify=False)
+
+
 def prepare_dataset(*args, **kwargs) -> Dataset:
     """Build a dataset dir from text sources; see `scratchlm.data.pipeline.prepare_dataset`."""
     from scratchlm.data.pipeline import prepare_dataset as run_pipeline
