@@ -197,6 +197,18 @@ class _QuantStore(nn.Module):
             self.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float16))
             self.register_buffer("offset", torch.zeros(rows, n_groups, dtype=torch.float16))
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must move the codes and scales but keep the scales' storage
+        # dtype (fp16 INT4 scales would lose precision in bf16); forward casts to the input dtype.
+        kept = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        out_dtype = getattr(self, "out_dtype", None)
+        if out_dtype is not None:
+            self.out_dtype = fn(torch.empty(0, dtype=out_dtype)).dtype
+        super()._apply(fn, recurse)
+        for name, dtype in kept.items():
+            self._buffers[name] = self._buffers[name].to(dtype)
+        return self
+
     def set_quantized(self, qw: QuantizedWeight) -> None:
         assert qw.bits == self.bits and qw.qweight.shape == self.qweight.shape, "shape mismatch"
         self.qweight.copy_(qw.qweight)
@@ -209,8 +221,8 @@ class _QuantStore(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight, for code that reads `.weight` (not used in forward)."""
-        return self.dequantized(self.scale.dtype if self.bits == 8 else torch.float32)
+        """The dequantized weight, for code that reads `.weight` (its dtype and device)."""
+        return self.dequantized(getattr(self, "out_dtype", None) or torch.float32)
 
     def spec(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size}
