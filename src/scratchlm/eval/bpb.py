@@ -7,8 +7,8 @@ token is predicted exactly once. A document longer than the window is scored wit
 window: each new window advances by `stride` tokens and scores only the tokens it adds, so every
 token sees at least `max_seq_len - stride` tokens of context (stride 1 gives each token all the
 context that fits; the default, half the window, costs about 2x a single pass).
-Special tokens (zero bytes) are neither scored nor counted. Not for benchmark tasks (see
-`scratchlm.eval.tasks`).
+The end of a document (the next EOT) is not scored: it has no bytes. Not for benchmark tasks
+(see `scratchlm.eval.tasks`).
 """
 
 from __future__ import annotations
@@ -71,21 +71,6 @@ def document_logprob(model, tokens: Sequence[int], prefix_id: int, stride: int |
     scorer = as_scoring_model(model)
     requests = rolling_requests(tokens, prefix_id, scorer.max_seq_len, stride)
     return sum(s.logprob for s in score_requests(scorer, requests, warn_truncation=None))
-
-
-def _split_specials(tokens: Sequence[int], zero_byte_ids: set[int]) -> list[list[int]]:
-    """Split a token stream at special tokens (documents separated by EOT)."""
-    docs, current = [], []
-    for t in tokens:
-        if t in zero_byte_ids:
-            if current:
-                docs.append(current)
-            current = []
-        else:
-            current.append(t)
-    if current:
-        docs.append(current)
-    return docs
 
 
 def bits_per_byte_tokens(
@@ -158,10 +143,17 @@ def bits_per_byte(
 
 
 def dataset_documents(dataset_dir: Path, tokenizer, split: str = "val") -> list[list[int]]:
-    """The documents of a dataset dir's split, as token lists (split at special tokens)."""
+    """The documents of a dataset dir's split, as token lists (EOT separators removed)."""
     from scratchlm.data.shards import Dataset
 
     dataset = Dataset.open(dataset_dir)
-    tokens = dataset.split_tokens(split) if hasattr(dataset, "split_tokens") else dataset.tokens(split)
-    zero_byte = set(getattr(tokenizer, "special_tokens", {}).values()) | {tokenizer.eot_id}
-    return _split_specials([int(t) for t in tokens], zero_byte)
+    if dataset.eot_id != tokenizer.eot_id or dataset.vocab_size > _vocab_size(tokenizer):
+        raise UserError(f"dataset {dataset_dir} was not made with this model's tokenizer")
+    docs = [doc.tolist() for doc in dataset.iter_documents(split)]
+    if not any(docs):
+        raise UserError(f"dataset {dataset_dir} has no {split} documents")
+    return docs
+
+
+def _vocab_size(tokenizer) -> int:
+    return int(getattr(tokenizer, "vocab_size", 1 << 62))

@@ -152,21 +152,26 @@ def warn_truncated(n_truncated: int, total: int, max_seq_len: int, what: str) ->
 def _score_batch(model: ScoringModel, windows: list[tuple[list[int], int, bool]]) -> list[Score]:
     width = max(len(tokens) - 1 for tokens, _, _ in windows)
     idx = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, (tokens, _, _) in enumerate(windows):
+    targets = torch.zeros((len(windows), width), dtype=torch.long)
+    scored = torch.zeros((len(windows), width), dtype=torch.bool)
+    for row, (tokens, n_score, _) in enumerate(windows):
         # Right padding: a causal model's logits at real positions never see it.
-        idx[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
+        n = len(tokens) - 1
+        idx[row, :n] = torch.tensor(tokens[:-1], dtype=torch.long)
+        targets[row, :n] = torch.tensor(tokens[1:], dtype=torch.long)
+        scored[row, n - n_score : n] = True  # logits at position p predict tokens[p + 1]
     logits = model.logits(idx)
-    scores = []
-    for row, (tokens, n_score, truncated) in enumerate(windows):
-        end = len(tokens) - 1  # logits at position p predict tokens[p + 1]
-        start = end - n_score
-        row_logits = logits[row, start:end]
-        targets = torch.tensor(tokens[start + 1 : end + 1], dtype=torch.long, device=row_logits.device)
-        logprobs = torch.log_softmax(row_logits, dim=-1)
-        picked = logprobs.gather(1, targets[:, None]).squeeze(1)
-        greedy = bool((row_logits.argmax(dim=-1) == targets).all()) if n_score else True
-        scores.append(Score(float(picked.double().sum()), n_score, greedy, truncated))
-    return scores
+    rows, positions = scored.nonzero(as_tuple=True)
+    picked_logits = logits[rows.to(logits.device), positions.to(logits.device)].cpu()  # [N, V]
+    picked_targets = targets[rows, positions]
+    logprobs = torch.log_softmax(picked_logits, dim=-1).gather(1, picked_targets[:, None]).squeeze(1)
+    missed = (picked_logits.argmax(dim=-1) != picked_targets).double()
+    sums = torch.zeros(len(windows), dtype=torch.float64).index_add_(0, rows, logprobs.double())
+    misses = torch.zeros(len(windows), dtype=torch.float64).index_add_(0, rows, missed)
+    return [
+        Score(float(sums[row]), n_score, bool(misses[row] == 0), truncated)
+        for row, (_, n_score, truncated) in enumerate(windows)
+    ]
 
 
 def greedy_generate(
