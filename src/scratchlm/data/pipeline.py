@@ -351,6 +351,8 @@ def prepare_dataset(
                 bar.set_postfix(tokens=sum(w.tokens for w in writers.values()), refresh=False)
         shards = writers["train"].close() + writers["val"].close()
         completed = True
+        if bar is not None and bar.total:
+            bar.update(max(0, bar.total - bar.n))  # text bytes undercount JSON-escaped files
     finally:
         if bar is not None:
             bar.close()
