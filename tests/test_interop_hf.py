@@ -18,6 +18,16 @@ from scratchlm.runs import load_run, save_run
 
 transformers = pytest.importorskip("transformers")
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared machine two OpenMP threads
+    spin-waiting on each other make each forward ~50x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
     "must be in want of a wife. However little known the feelings or views of such a man may be "
