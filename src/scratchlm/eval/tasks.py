@@ -392,6 +392,8 @@ class TaskResult:
     seconds: float
     truncated: int = 0
     random_baseline: float = 0.0
+    correct: list[bool] = field(default_factory=list, repr=False)  # per example
+    correct_norm: list[bool] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         d = {"accuracy": self.accuracy}
@@ -454,6 +456,8 @@ def evaluate_task(
         seconds=time.perf_counter() - start,
         truncated=truncated,
         random_baseline=baseline,
+        correct=[bool(c) for c in correct],
+        correct_norm=[bool(c) for c in norm_correct] if norm_correct is not None else None,
     )
 
 
@@ -545,13 +549,24 @@ def evaluate_suite(
     progress: bool = True,
 ) -> dict:
     """`{"tasks": {label: TaskResult.to_dict()}, "suite_score": mean centered accuracy}`."""
+    results = evaluate_suite_results(model, tokenizer, tasks_dir, labels, limit, num_fewshot, seed, progress)
+    return {"tasks": {k: r.to_dict() for k, r in results.items()}, "suite_score": suite_score(results)}
+
+
+def evaluate_suite_results(
+    model,
+    tokenizer,
+    tasks_dir: str | Path,
+    labels: Sequence[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    seed: int = DEFAULT_SEED,
+    progress: bool = True,
+) -> dict[str, TaskResult]:
+    """Like `evaluate_suite`, but the `TaskResult`s themselves (with per-example results)."""
     specs = select_tasks(load_suite(tasks_dir), labels)
     scorer = as_scoring_model(model)
-    results = {
-        spec.label: evaluate_task(scorer, tokenizer, spec, limit, num_fewshot, seed, progress)
-        for spec in specs
-    }
-    return {"tasks": {k: r.to_dict() for k, r in results.items()}, "suite_score": suite_score(results)}
+    return {spec.label: evaluate_task(scorer, tokenizer, spec, limit, num_fewshot, seed, progress) for spec in specs}
 
 
 def quick_eval(model, tokenizer, tasks_dir: str | Path, labels: Sequence[str] | None = None, limit: int | None = 100) -> dict:
