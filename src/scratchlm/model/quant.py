@@ -607,3 +607,93 @@ def _progress(items: list, enabled: bool, desc: str) -> Iterable:
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run dirs
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_run` did, with sizes to show the user."""
+
+    out_dir: str
+    method: str
+    bits: int
+    group_size: int | None
+    source_file_bytes: int
+    file_bytes: int
+    source_memory_bytes: int
+    memory_bytes: int
+    seconds: float
+
+    @property
+    def file_ratio(self) -> float:
+        return self.source_file_bytes / max(1, self.file_bytes)
+
+    def summary(self) -> str:
+        mib = 1 << 20
+        return (
+            f"quantized {self.method} INT{self.bits}"
+            + (f" g{self.group_size}" if self.bits == 4 and self.group_size else "")
+            + f" -> {self.out_dir}: model.safetensors {self.source_file_bytes / mib:.2f} MiB -> "
+            f"{self.file_bytes / mib:.2f} MiB ({self.file_ratio:.2f}x smaller), weights in memory "
+            f"{self.source_memory_bytes / mib:.2f} MiB -> {self.memory_bytes / mib:.2f} MiB, {self.seconds:.1f} s"
+        )
+
+
+def quantize_run(
+    run_dir,
+    out_dir,
+    bits: int = 8,
+    group_size: int | None = 64,
+    method: str = "rtn",
+    calibration_dir=None,
+    calibration_windows: int = 128,
+    calibration_seq_len: int = 256,
+    embed_bits="same",
+    head_bits="same",
+    seed: int = 0,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize the run at `run_dir` into a new run dir `out_dir` (config gains `quantization`)."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from scratchlm.runs import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, load_run, save_run
+
+    start = time.perf_counter()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.resolve() == run_dir.resolve():
+        raise UserError(f"--out must be a new run dir, not the source run {run_dir}")
+    run = load_run(run_dir)
+    if run.config.get("quantization"):
+        raise UserError(f"{run_dir / CONFIG_FILE}: this run is already quantized")
+    source_memory = model_nbytes(run.model)
+    calibration = None
+    if method == "gptq":
+        if calibration_dir is None:
+            raise UserError("--method gptq needs --calibration DATASET_DIR (token windows to calibrate on)")
+        seq_len = min(calibration_seq_len, run.model.config.max_seq_len)
+        calibration = calibration_windows(calibration_dir, calibration_windows, seq_len, seed)
+        if int(calibration.max()) >= run.model.config.vocab_size:
+            raise UserError(f"{calibration_dir}: token ids exceed the model's vocab_size; wrong tokenizer?")
+    section = quantize_model(run.model, bits, group_size, method, embed_bits, head_bits, calibration,
+                             progress=progress)
+    config = dict(run.config)
+    config["quantization"] = section
+    save_run(out_dir, run.model, None, config)
+    if (run_dir / TOKENIZER_DIR).is_dir():
+        shutil.copytree(run_dir / TOKENIZER_DIR, out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+    return QuantizeReport(
+        out_dir=str(out_dir),
+        method=method,
+        bits=bits,
+        group_size=section["group_size"],
+        source_file_bytes=(run_dir / WEIGHTS_FILE).stat().st_size,
+        file_bytes=(out_dir / WEIGHTS_FILE).stat().st_size,
+        source_memory_bytes=source_memory,
+        memory_bytes=model_nbytes(run.model),
+        seconds=time.perf_counter() - start,
+    )
