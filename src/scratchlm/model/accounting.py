@@ -174,24 +174,69 @@ def optimizer_state_bytes(cfg: ModelConfig, optimizer: str, param_bytes: int) ->
     raise UserError(f"unknown optimizer {optimizer!r}; expected adamw, muon or sgd")
 
 
+MLP_SAVED_WIDTHS = {"relu": 1, "gelu": 2, "relu2": 2, "swiglu": 4}  # d_ff-wide tensors kept
+
+
+def _norm_saved_bytes(cfg: ModelConfig, r: int) -> int:
+    # LayerNorm keeps its input (plus mean/rstd); our fp32 RMSNorm also keeps the normalised copy
+    return r * cfg.d_model * (2 if cfg.norm == "rmsnorm" else 1) + 8
+
+
 def block_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, compute_bytes: int, residual_bytes: int) -> float:
-    """What one block saves for backward, per token: norm inputs in the residual dtype, matmul
-    inputs and attention/MLP intermediates in the compute dtype."""
+    """What one block saves for backward, per token (checked against autograd's saved tensors
+    on torch 2.13 CPU in the tests): norm inputs in the residual dtype, matmul inputs and
+    attention/MLP intermediates in the compute dtype."""
     a, r = compute_bytes, residual_bytes
-    d, d_q, ff = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.d_ff
-    attn = (
-        r * d  # attention norm input
-        + a * d  # its output, the q/k/v projections' input
-        + a * 3 * d_q  # q and k, v expanded to all heads: the attention kernel's inputs
-        + a * d_q + 4 * cfg.n_head  # attention output and its log-sum-exp
-        + a * d_q  # o_proj input (the heads merged back)
-    )
-    if cfg.attention_impl == "reference":
-        attn += cfg.n_head * seq_len * (4 + a)  # fp32 softmax output and its cast, per query
-    mlp = r * d + a * d  # mlp norm input and output
-    mlp += a * ff * (4 if cfg.activation == "swiglu" else 2)  # gate, silu(gate), up, product
-    dropout_masks = 2 * d if cfg.dropout > 0 else 0  # one byte per element, two residual branches
+    d, d_q, ff, H = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.d_ff, cfg.n_head
+    attn = _norm_saved_bytes(cfg, r) + a * d  # norm, and its output cast once for q/k/v
+    if cfg.attention_impl == "sdpa" and cfg.dropout > 0:
+        # attention dropout leaves the fused kernel for the math path, which keeps q, k, v,
+        # the probabilities before and after dropout and the dropout mask, all in fp32
+        attn += 12 * d_q + 12 * H * seq_len + a * d_q
+    else:
+        attn += a * 3 * d_q  # q, k, v as the kernel sees them (k, v expanded to every query head)
+        attn += a * d_q  # attention output, also o_proj's input
+        if cfg.attention_impl == "reference":
+            attn += H * seq_len * (4 + (a if a != 4 else 0))  # fp32 softmax output, its cast
+        else:
+            attn += 4 * H  # the fused kernel's log-sum-exp
+    if cfg.positions == "rope" and a != 4:
+        attn += 4 * a * cfg.head_dim  # cos/sin cast to the compute dtype for queries and keys
+    if cfg.qk_norm:
+        # fp32 copies of the heads, their rsqrt and the normalised heads before the weight
+        d_kv, H_kv = cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head
+        attn += (4 + a) * (d_q + d_kv) + 4 * (H + H_kv)
+    mlp = _norm_saved_bytes(cfg, r) + a * d + a * ff * MLP_SAVED_WIDTHS[cfg.activation]
+    dropout_masks = 2 * a * d if cfg.dropout > 0 else 0
     return attn + mlp + dropout_masks
+
+
+def saved_activation_bytes(
+    cfg: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    compute_dtype: str = "bf16",
+    residual_dtype: str = "fp32",
+    activation_checkpointing: bool = False,
+) -> int:
+    """Bytes autograd keeps from one micro-batch's forward until its backward.
+
+    With checkpointing every block keeps only its input, and one block's activations exist at a
+    time while it is recomputed. The loss is assumed to keep fp32 log-probabilities; under
+    autocast the compute-dtype copies of the weights are kept too.
+    """
+    a, r = dtype_bytes(compute_dtype), dtype_bytes(residual_dtype)
+    d = cfg.d_model
+    per_block = block_activation_bytes_per_token(cfg, seq_len, a, r)
+    if activation_checkpointing:
+        blocks = cfg.n_layer * r * d + per_block
+    else:
+        blocks = cfg.n_layer * per_block
+    embed = r * d if cfg.dropout > 0 else 0
+    final_norm = _norm_saved_bytes(cfg, r) if cfg.norm_position == "pre" else 0
+    head = final_norm + a * d + 4 * cfg.vocab_size
+    weight_copies = matmul_params(cfg) * a if a != r else 0
+    return int(batch_size * seq_len * (blocks + embed + head) + weight_copies)
 
 
 def activation_bytes(
@@ -202,21 +247,11 @@ def activation_bytes(
     residual_dtype: str = "fp32",
     activation_checkpointing: bool = False,
 ) -> int:
-    """Activation memory of one micro-batch's forward pass, kept until its backward.
-
-    With checkpointing every block keeps only its input, and one block's activations exist at a
-    time while it is recomputed. Logits are counted in the compute dtype plus an fp32 copy and
-    its log-softmax for the loss.
-    """
-    a, r = dtype_bytes(compute_dtype), dtype_bytes(residual_dtype)
-    tokens = batch_size * seq_len
-    per_block = block_activation_bytes_per_token(cfg, seq_len, a, r)
-    if activation_checkpointing:
-        blocks = cfg.n_layer * r * cfg.d_model + per_block
-    else:
-        blocks = cfg.n_layer * per_block
-    embed_and_head = r * cfg.d_model * 2 + a * cfg.d_model + cfg.vocab_size * (a + 8)
-    return int(tokens * (blocks + embed_and_head))
+    """Peak activation memory: what is saved for backward plus the transient logits (in the
+    compute dtype and an fp32 copy) while the loss is computed."""
+    saved = saved_activation_bytes(cfg, batch_size, seq_len, compute_dtype, residual_dtype, activation_checkpointing)
+    transient_logits = batch_size * seq_len * cfg.vocab_size * (dtype_bytes(compute_dtype) + 4)
+    return saved + transient_logits
 
 
 def memory_estimate(

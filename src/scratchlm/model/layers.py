@@ -81,6 +81,22 @@ def sinusoidal_embeddings(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Cast once to the autocast dtype before feeding several projections.
+
+    Autocast casts every matmul input by itself, so q/k/v (or gate/up) would each make their
+    own bf16 copy of the same fp32 activation, costing time and saved-for-backward memory.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -154,6 +170,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, mask=None, kv_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
+        x = to_autocast_dtype(x)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -192,6 +209,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
+            x = to_autocast_dtype(x)
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         h = self.up_proj(x)
         if self.activation == "gelu":
