@@ -1,8 +1,8 @@
 """Data pipeline benchmark: the three targets of issue 3, side by side with their peers.
 
-Builds (once, cached under .bench/data/) a JSONL corpus of distinct documents, each a random
-run of paragraphs drawn from the shared corpora (../shared/corpora) or, without them, from the
-Python standard library's source, and a BPE tokenizer trained on a slice of it. Then:
+Builds (once, cached under .bench/data/) a JSONL corpus of distinct documents, each 8-40
+paragraphs drawn at random from the shared corpora (../shared/corpora) or, without them, from
+the Python standard library's source, and a BPE tokenizer trained on a slice of it. Then:
 
   throughput  `prepare_dataset` (--workers processes) end to end over --mb MB, against the
               tokenizer's own `encode_batch` (same workers) over the same texts already in
@@ -52,7 +52,7 @@ def paragraph_pool() -> list[str]:
 
 
 def corpus(mb: int) -> Path:
-    """A JSONL file of about `mb` MB of distinct documents (random runs of paragraphs)."""
+    """A JSONL file of about `mb` MB of distinct documents (random draws of paragraphs)."""
     path = BENCH / f"corpus_{mb}mb.jsonl"
     if path.exists():
         return path
@@ -64,8 +64,7 @@ def corpus(mb: int) -> Path:
     with open(tmp, "w", encoding="utf-8") as f:
         n = 0
         while written < target:
-            start = rng.randrange(len(pool))
-            text = "\n\n".join(pool[(start + k) % len(pool)] for k in range(rng.randint(8, 40)))
+            text = "\n\n".join(rng.choice(pool) for _ in range(rng.randint(8, 40)))
             text = f"Document {n}.\n\n{text}"
             line = json.dumps({"id": n, "text": text}, ensure_ascii=False) + "\n"
             f.write(line)

@@ -151,8 +151,7 @@ def _check_prose(text: str, c: FilterConfig) -> str | None:
         return "max_words"
     if n_words == 0:
         return None
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=n_words)
-    word_chars = int(lengths.sum())
+    word_chars = len("".join(words))
     if c.mean_word_length is not None:
         low, high = c.mean_word_length
         if not low <= word_chars / n_words <= high:
@@ -172,7 +171,7 @@ def _check_prose(text: str, c: FilterConfig) -> str | None:
                 return "min_alpha_words"
     if c.reject_phrases and any(phrase in lowered for phrase in c.reject_phrases):
         return "reject_phrases"
-    return _check_lines(text, c) or _check_ngrams(words, lengths, word_chars, c)
+    return _check_lines(text, c) or _check_ngrams(words, word_chars, c)
 
 
 def _check_lines(text: str, c: FilterConfig) -> str | None:
@@ -232,22 +231,21 @@ def _ngram_keys(ids: np.ndarray, n: int) -> np.ndarray:
     return keys
 
 
-def _check_ngrams(words: list[str], lengths: np.ndarray, word_chars: int,
-                  c: FilterConfig) -> str | None:
+def _check_ngrams(words: list[str], word_chars: int, c: FilterConfig) -> str | None:
     """Gopher's n-gram repetition rules over word hashes, vectorised with numpy."""
     if not c.max_top_ngram_chars and not c.max_dup_ngram_chars:
         return None
     # Within one process hash() is consistent, and this decision needs nothing more.
     ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
-    top_count = None
+    top_count = longest_word = None
     for n, limit in sorted((c.max_top_ngram_chars or {}).items()):
         if ids.size < n:
             continue
         if top_count is not None:
-            # An n-gram occurs at most as often as the top shorter n-gram (its prefix is one),
-            # and spans at most the n longest words: skip the sort when that cannot exceed.
-            longest = int(np.partition(lengths, -n)[-n:].sum())
-            if top_count * longest / word_chars <= limit:
+            # An n-gram occurs at most as often as the top shorter n-gram (its prefix is one)
+            # and is at most n longest words long: skip the sort when that cannot exceed.
+            longest_word = longest_word or max(map(len, words))
+            if top_count * n * longest_word / word_chars <= limit:
                 continue
         keys = _ngram_keys(ids, n)
         ordered = np.sort(keys)  # np.unique costs ~15x a plain sort on arrays this small
@@ -257,14 +255,14 @@ def _check_ngrams(words: list[str], lengths: np.ndarray, word_chars: int,
         top_count = int(counts[top])
         if counts[top] > 1:
             where = int(np.argmax(keys == ordered[run_starts[top]]))
-            chars = int(lengths[where:where + n].sum()) * int(counts[top])
+            chars = len("".join(words[where:where + n])) * int(counts[top])
             if chars / word_chars > limit:
                 return f"max_top_{n}gram_chars"
     dup_limits = sorted((c.max_dup_ngram_chars or {}).items())
     for i, (n, limit) in enumerate(dup_limits):
         if ids.size < n:
             continue
-        fraction = _repeated_ngram_chars(ids, lengths, n) / word_chars
+        fraction = _repeated_ngram_chars(ids, words, n) / word_chars
         if fraction > limit:
             return f"max_dup_{n}gram_chars"
         # Characters covered by repeated n-grams only shrink as n grows (a repeated (n+1)-gram
@@ -274,7 +272,7 @@ def _check_ngrams(words: list[str], lengths: np.ndarray, word_chars: int,
     return None
 
 
-def _repeated_ngram_chars(ids: np.ndarray, lengths: np.ndarray, n: int) -> int:
+def _repeated_ngram_chars(ids: np.ndarray, words: list[str], n: int) -> int:
     """Characters of the words covered by an n-gram occurrence that repeats an earlier one."""
     keys = _ngram_keys(ids, n)
     ordered = np.sort(keys)
@@ -288,6 +286,7 @@ def _repeated_ngram_chars(ids: np.ndarray, lengths: np.ndarray, n: int) -> int:
     cover[repeats] += 1  # start positions are distinct, so plain fancy indexing adds once
     cover[repeats + n] -= 1
     covered = np.cumsum(cover[:-1]) > 0
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     return int(lengths[covered].sum())
 
 
