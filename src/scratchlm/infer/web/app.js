@@ -239,7 +239,8 @@ function init() {
       $("composer").requestSubmit();
     }
   });
-  if (conversations.length && conversations[0].messages.length === 0) current = conversations[0];
+  // reopen the most recent conversation; start one if there is none
+  if (conversations.length) current = conversations[0];
   else newConversation();
   render();
   fetchModel();
