@@ -209,3 +209,13 @@ def test_sft_resume_after_kill_9_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = lambda p: [json.loads(l)["loss"] for l in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert lines(tmp_path / "straight") == lines(tmp_path / "killed")
+
+
+def test_resuming_on_other_data_is_refused(tok):
+    from scratchlm.errors import UserError
+
+    a = make_task(tok)
+    a.next_batch()
+    other = build_examples(tok, CONVERSATIONS[:6], 96)[0]
+    with pytest.raises(UserError, match="other data"):
+        make_task(tok, examples=other).load_state_dict(a.state_dict())

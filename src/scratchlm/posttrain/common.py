@@ -177,6 +177,22 @@ def shift_example(ids: Sequence[int], mask: Sequence[bool], max_tokens: int) -> 
     return inputs, targets
 
 
+def examples_fingerprint(rows) -> str:
+    """A short hash of token rows, so a resumed run can tell it is on the same data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(repr(row).encode())
+    return h.hexdigest()[:16]
+
+
+def check_same_data(saved: dict, fingerprint: str) -> None:
+    if saved.get("data") not in (None, fingerprint):
+        raise UserError("this output dir holds a run on other data (or another seq_len / tokenizer); "
+                        "use a new --out, or the data it was started with")
+
+
 def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None):
     """Right-pad (inputs, targets) rows to one length -> int64 tensors [B, T], [B, T]."""
     length = length or max(len(r[0]) for r in rows)

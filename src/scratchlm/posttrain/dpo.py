@@ -183,6 +183,7 @@ class DPOTask:
         eval_batches: int = 0,
     ):
         from scratchlm.errors import UserError
+        from scratchlm.posttrain.common import examples_fingerprint
 
         if not train_examples:
             raise UserError("no preference pairs left to train on (all rows bad or cut away)")
@@ -199,15 +200,19 @@ class DPOTask:
         self.eval_batches = eval_batches
         self.epoch, self.cursor = 0, 0
         self._order = self._epoch_order(0)
+        self.fingerprint = examples_fingerprint((e.chosen, e.rejected) for e in train_examples)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.train_examples), generator=g).tolist()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "data": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        from scratchlm.posttrain.common import check_same_data
+
+        check_same_data(state, self.fingerprint)
         self.seed = int(state.get("seed", self.seed))
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._epoch_order(self.epoch)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from scratchlm.errors import UserError
 from scratchlm.posttrain.chat_template import render_chat
-from scratchlm.posttrain.common import IGNORE, pad_rows, shift_example
+from scratchlm.posttrain.common import IGNORE, check_same_data, examples_fingerprint, pad_rows, shift_example
 
 
 @dataclass
@@ -108,6 +108,7 @@ class SFTTask:
         self.epoch = 0
         self.cursor = 0
         self._order = self._epoch_order(0)
+        self.fingerprint = examples_fingerprint((e.inputs, e.targets) for e in train_examples)
 
     # -- order and state --------------------------------------------------------------------------
 
@@ -130,9 +131,10 @@ class SFTTask:
         return self.train_examples[self._order[self.cursor]]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "data": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        check_same_data(state, self.fingerprint)
         self.seed = int(state.get("seed", self.seed))
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
