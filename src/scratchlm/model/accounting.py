@@ -84,12 +84,17 @@ def num_parameters(cfg: ModelConfig, non_embedding: bool = False) -> int:
     return n if non_embedding else n + embedding_lookup_params(cfg)
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that multiply activations per token: every Linear weight, the output head included."""
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Linear weights of one block."""
     d_q, d_kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     attn = cfg.d_model * (2 * d_q + 2 * d_kv)
     mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-    return cfg.n_layer * (attn + mlp) + cfg.d_model * cfg.vocab_size
+    return attn + mlp
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that multiply activations per token: every Linear weight, the output head included."""
+    return cfg.n_layer * block_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +111,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
 
 
-def mfu(cfg: ModelConfig, tokens_per_sec: float, peak_flops: float, seq_len: int) -> float:
-    return tokens_per_sec * flops_per_token(cfg, seq_len) / peak_flops
+def mfu(cfg: ModelConfig, tokens_per_sec: float, peak_flops: float, seq_len: int | None = None) -> float:
+    """Achieved training FLOP/s over the peak; seq_len defaults to the config's max_seq_len."""
+    return tokens_per_sec * flops_per_token(cfg, seq_len or cfg.max_seq_len) / peak_flops
 
 
 def peak_flops(name: str) -> float:
@@ -188,24 +194,25 @@ def block_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, compute_byt
     attention/MLP intermediates in the compute dtype."""
     a, r = compute_bytes, residual_bytes
     d, d_q, ff, H = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.d_ff, cfg.n_head
+    d_kv = cfg.n_kv_head * cfg.head_dim
     attn = _norm_saved_bytes(cfg, r) + a * d  # norm, and its output cast once for q/k/v
     if cfg.attention_impl == "sdpa" and cfg.dropout > 0:
         # attention dropout leaves the fused kernel for the math path, which keeps q, k, v,
         # the probabilities before and after dropout and the dropout mask, all in fp32
         attn += 12 * d_q + 12 * H * seq_len + a * d_q
+    elif cfg.attention_impl == "reference":
+        # keys/values repeated per query head: a copy, except for MQA where it is a view
+        copied = cfg.n_kv_head > 1 and cfg.n_kv_head < H
+        attn += a * (d_q + 2 * (d_q if copied else d_kv)) + a * d_q  # q, k, v and the output
+        attn += H * seq_len * (4 + (a if a != 4 else 0))  # fp32 softmax output, its cast
     else:
-        attn += a * 3 * d_q  # q, k, v as the kernel sees them (k, v expanded to every query head)
-        attn += a * d_q  # attention output, also o_proj's input
-        if cfg.attention_impl == "reference":
-            attn += H * seq_len * (4 + (a if a != 4 else 0))  # fp32 softmax output, its cast
-        else:
-            attn += 4 * H  # the fused kernel's log-sum-exp
+        attn += a * (d_q + 2 * d_kv)  # q, k, v: the kernel shares kv heads (enable_gqa)
+        attn += a * d_q + 4 * H  # attention output (also o_proj's input) and its log-sum-exp
     if cfg.positions == "rope" and a != 4:
         attn += 4 * a * cfg.head_dim  # cos/sin cast to the compute dtype for queries and keys
     if cfg.qk_norm:
         # fp32 copies of the heads, their rsqrt and the normalised heads before the weight
-        d_kv, H_kv = cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head
-        attn += (4 + a) * (d_q + d_kv) + 4 * (H + H_kv)
+        attn += (4 + a) * (d_q + d_kv) + 4 * (H + cfg.n_kv_head)
     mlp = _norm_saved_bytes(cfg, r) + a * d + a * ff * MLP_SAVED_WIDTHS[cfg.activation]
     dropout_masks = 2 * a * d if cfg.dropout > 0 else 0
     return attn + mlp + dropout_masks
@@ -235,7 +242,12 @@ def saved_activation_bytes(
     embed = r * d if cfg.dropout > 0 else 0
     final_norm = _norm_saved_bytes(cfg, r) if cfg.norm_position == "pre" else 0
     head = final_norm + a * d + 4 * cfg.vocab_size
-    weight_copies = matmul_params(cfg) * a if a != r else 0
+    if a == r:
+        weight_copies = 0
+    elif activation_checkpointing:  # block copies are rebuilt with the block; one at a time
+        weight_copies = (cfg.d_model * cfg.vocab_size + block_matmul_params(cfg)) * a
+    else:
+        weight_copies = matmul_params(cfg) * a
     return int(batch_size * seq_len * (blocks + embed + head) + weight_copies)
 
 

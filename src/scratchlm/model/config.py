@@ -72,6 +72,13 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "dropout", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"model.{name} must be a number, got {value!r}")
+        for name in ("qk_norm", "bias", "tie_embeddings", "scale_embeddings", "scale_residual_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         choices = {
             "norm": NORMS,
             "norm_position": NORM_POSITIONS,

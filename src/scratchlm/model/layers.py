@@ -137,13 +137,15 @@ def attend(
 ) -> torch.Tensor:
     """Multi-head attention over [B, H, T, D] queries and [B, H_kv, S, D] keys/values."""
     n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if impl == "reference":
-        return reference_attention(q, k, v, mask, dropout_p)
+        return reference_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p)
     # Without a mask the queries are the whole sequence (training, prefill) or one new token
     # that may see everything cached; only the first needs the causal flag (fast kernel path).
     is_causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    # enable_gqa lets the kernel share each key/value head without materialising the copies
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=n_rep > 1
+    )
 
 
 class Attention(nn.Module):
