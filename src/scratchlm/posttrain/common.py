@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from scratchlm.errors import UserError
-from scratchlm.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, has_lora, merged_state_dict, save_adapters
+from scratchlm.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merged_state_dict
 from scratchlm.posttrain.chat_template import CHAT_SPECIAL_TOKENS, add_chat_tokens
 
 IGNORE = -100  # target id that takes no part in the loss
@@ -116,26 +116,6 @@ def setup_lora(model: nn.Module, section: LoRASection) -> list[str]:
         quantize_model(model, bits=section.qlora_bits, group_size=section.qlora_group_size,
                        embed_bits=None, head_bits=None, progress=False)
     return apply_lora(model, section.lora_config())
-
-
-def save_final_weights(run_dir: str | Path, model: nn.Module, section: LoRASection) -> None:
-    """With LoRA: `model.safetensors` with the adapters merged (a plain model every stage reads)
-    and `adapter/` with the adapters alone. With QLoRA the merged weights are dequantized."""
-    if not has_lora(model):
-        return
-    from safetensors.torch import save
-
-    from scratchlm.files import atomic_write
-
-    run_dir = Path(run_dir)
-    save_adapters(run_dir / ADAPTER_DIR, model, section.lora_config())
-    state = merged_state_dict_any(model)
-    tied = model.lm_head.weight is model.tok_embeddings.weight if hasattr(model.lm_head, "weight") else False
-    if tied:
-        state.pop("lm_head.weight", None)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    data = save(tensors, metadata={"format": "pt"})
-    atomic_write(run_dir / "model.safetensors", lambda f: f.write(data), "wb")
 
 
 def merged_state_dict_any(model: nn.Module) -> dict[str, torch.Tensor]:

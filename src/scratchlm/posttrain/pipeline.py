@@ -74,7 +74,10 @@ def _load_parent(model_dir):
     return parent
 
 
-def _check_seq_len(config, model) -> None:
+def _check_seq_len(config, model, default: int) -> None:
+    if config.train.seq_len > model.config.max_seq_len and config.train.seq_len == default:
+        # the stage's default window, not the user's choice: fit it to the model
+        config.train.seq_len = model.config.max_seq_len
     if config.train.seq_len > model.config.max_seq_len:
         raise UserError(f"train.seq_len ({config.train.seq_len}) exceeds the model's max_seq_len "
                         f"({model.config.max_seq_len}); pass --set train.seq_len={model.config.max_seq_len}")
@@ -150,7 +153,7 @@ def run_sft(model_dir, out, config=None, *, on_step: Callable | None = None, pro
     register_config_sections()
     parent = _load_parent(model_dir)
     model, tokenizer = parent.model, parent.tokenizer
-    _check_seq_len(config, model)
+    _check_seq_len(config, model, SFT_TRAIN_DEFAULTS["seq_len"])
     cfg = config.sft
 
     report = ReadReport()
@@ -197,10 +200,11 @@ def run_dpo(model_dir, out, config=None, *, on_step: Callable | None = None, pro
 
     config = config or stage_config("dpo")
     register_config_sections()
+    cfg = config.dpo
+    check_dpo_config(cfg)
     parent = _load_parent(model_dir)
     model, tokenizer = parent.model, parent.tokenizer
-    _check_seq_len(config, model)
-    cfg = config.dpo
+    _check_seq_len(config, model, DPO_TRAIN_DEFAULTS["seq_len"])
 
     report = ReadReport()
     pairs = load_preference_pairs(cfg.data, strict=cfg.strict, report=report)
@@ -232,6 +236,19 @@ def run_dpo(model_dir, out, config=None, *, on_step: Callable | None = None, pro
     result = train(config, model, task, out, on_step=on_step)
     save_finetuned_run(out, model, tokenizer, config, "dpo", model_dir)
     return result
+
+
+def check_dpo_config(cfg) -> None:
+    from scratchlm.posttrain.dpo import LOSS_TYPES
+
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UserError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}")
+    if cfg.beta <= 0:
+        raise UserError(f"dpo.beta must be positive, got {cfg.beta}")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.label_smoothing and cfg.loss_type != "conservative":
+        raise UserError("dpo.label_smoothing applies to dpo.loss_type=conservative only")
 
 
 def reference_logps(out: Path, model, train_examples, val_examples, config, pad_id, device, dtype,

@@ -11,8 +11,7 @@ The loss is the mean cross-entropy over assistant tokens only (prompt tokens hav
 IGNORE and get no gradient). The order is a seeded shuffle per epoch; the task's state is
 (epoch, cursor), so a resumed run draws exactly the batches an uninterrupted one would.
 
-`run_sft(...)` is the whole stage (the `scratchlm sft` verb is a thin layer over it): load the
-parent run, add the chat tokens, optionally LoRA/QLoRA, train, write the run dir.
+The whole stage (parent run in, run dir out) is `scratchlm.posttrain.pipeline.run_sft`.
 Not for the chat template itself (chat_template.py) or DPO (dpo.py).
 """
 
