@@ -235,6 +235,23 @@ def test_transformer_scores_independent_of_batch():
     assert batched == pytest.approx(alone, abs=1e-4)
 
 
+def test_batched_kv_generation_equals_plain_greedy():
+    """The fast path (batched, left-padded, KV cache) generates what the plain loop does."""
+    transformer = pytest.importorskip("scratchlm.model.transformer")
+    from scratchlm.eval.scoring import generate_batch, greedy_generate
+    from scratchlm.model.config import ModelConfig
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=257, n_layer=1, n_head=2, d_model=32, max_seq_len=40)
+    scorer = as_scoring_model(transformer.Transformer(cfg), batch_size=4)
+    prompts = [list(b"Q: 1+1?\nA:"), list(b"x"), list(b"a much longer prompt that will not fit the window")]
+    stops = ("e",)
+    fast = generate_batch(scorer, prompts, 12, stop_ids=[EOT_ID], decode=TOK.decode, stop_strings=stops)
+    plain = [greedy_generate(scorer, p, 12, [EOT_ID], TOK.decode, stops) for p in prompts]
+    assert fast == plain
+    assert [t for _, t in fast] == [False, False, True]
+
+
 def test_fewshot_never_includes_item_and_is_deterministic():
     for n, k in [(2, 1), (5, 3), (100, 10), (4, 10)]:
         for i in range(n):

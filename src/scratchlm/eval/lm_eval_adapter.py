@@ -36,7 +36,7 @@ from scratchlm.eval.tasks import (
     build_prompt,
     extract_answer,
     gold_answers,
-    generate_text,
+    generate_texts,
     is_number,
     load_examples,
     load_suite,
@@ -96,7 +96,7 @@ class ScratchLM(LM):
         if path is not None:
             from scratchlm.runs import load_run
 
-            run = load_run(path, device=device or "cpu")
+            run = load_run(path, device=_usable_device(device))
             model, tokenizer = run.model, run.tokenizer
             if tokenizer is None:
                 raise UserError(f"run {path} has no tokenizer/")
@@ -146,17 +146,31 @@ class ScratchLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuation of each context, cut before the first `until` string."""
-        outputs = []
+        groups: dict[tuple, list[int]] = {}  # requests with the same settings generate together
+        for i, req in enumerate(requests):
+            gen_kwargs = dict(req.args[1] or {})
+            until = gen_kwargs.get("until") or []
+            until = (until,) if isinstance(until, str) else tuple(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            groups.setdefault((until, max_new), []).append(i)
+        outputs: list[str] = [""] * len(requests)
         with _bar(len(requests), "generate_until", disable_tqdm) as bar:
-            for req in requests:
-                context, gen_kwargs = req.args[0], dict(req.args[1] or {})
-                until = gen_kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-                text, _ = generate_text(self.scorer, self.tokenizer, self.encoder.encode_context(context), until, max_new)
-                outputs.append(text)
-                bar.update(1)
+            for (until, max_new), members in groups.items():
+                prompts = [self.encoder.encode_context(requests[i].args[0]) for i in members]
+                texts = generate_texts(self.scorer, self.tokenizer, prompts, until, max_new)
+                for i, (text, _) in zip(members, texts):
+                    outputs[i] = text
+                bar.update(len(members))
         return outputs
+
+
+def _usable_device(device: str | None) -> str:
+    """The device asked for, or the CPU where it is absent (lm_eval's CLI defaults to cuda)."""
+    import torch
+
+    if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
+        return "cpu"
+    return device
 
 
 def _bar(total: int, desc: str, disable: bool):
@@ -339,8 +353,10 @@ def compare_with_harness(
     bpb_texts: Sequence[str] | None = None,
     work_dir: str | Path | None = None,
     progress: bool = False,
+    ours: dict | None = None,
 ) -> dict:
-    """Score the same tasks ourselves and through lm_eval with this adapter.
+    """Score the same tasks ourselves (or take `ours`, TaskResults by label, already scored with
+    the same settings) and through lm_eval with this adapter.
 
     Returns `{"tasks": {label: {metric: {"scratchlm", "lm_eval", "diff", "examples_disagree"}}},
     "bpb": {...} (with bpb_texts), "max_diff"}`: max_diff is the largest difference of all.
@@ -351,7 +367,8 @@ def compare_with_harness(
     from scratchlm.eval.tasks import evaluate_suite_results
 
     require_lm_eval()
-    ours = evaluate_suite_results(model, tokenizer, tasks_dir, labels, limit, num_fewshot, seed, progress)
+    if ours is None:
+        ours = evaluate_suite_results(model, tokenizer, tasks_dir, labels, limit, num_fewshot, seed, progress)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         names = write_harness_tasks(tasks_dir, tmp, labels, limit, num_fewshot, seed, bpb_texts)
         lm = ScratchLM(model=model, tokenizer=tokenizer)

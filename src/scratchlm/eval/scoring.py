@@ -174,6 +174,13 @@ def _score_batch(model: ScoringModel, windows: list[tuple[list[int], int, bool]]
     ]
 
 
+def fit_prompt(prompt: Sequence[int], max_new_tokens: int, max_seq_len: int) -> tuple[list[int], int, bool]:
+    """(prompt keeping its end, max_new_tokens, truncated) so that both fit in the window."""
+    max_new_tokens = min(max_new_tokens, max_seq_len - 1)
+    room = max_seq_len - max_new_tokens
+    return list(prompt[-room:]), max_new_tokens, len(prompt) > room
+
+
 def greedy_generate(
     model: ScoringModel,
     prompt: Sequence[int],
@@ -186,24 +193,63 @@ def greedy_generate(
 
     Stops after a token in `stop_ids` (not included) or as soon as the decoded output contains
     one of `stop_strings` (the caller cuts the text there; `decode` is needed for that). The
-    model sees the last `max_seq_len` tokens. No KV cache: evaluation generations are short.
+    prompt keeps its last `max_seq_len - max_new_tokens` tokens. No KV cache: the plain
+    reference path, for any model (see `generate_batch` for the fast one).
     """
     stop_ids = set(stop_ids)
-    tokens = list(prompt)
-    truncated = len(tokens) > model.max_seq_len
+    tokens, max_new_tokens, truncated = fit_prompt(prompt, max_new_tokens, model.max_seq_len)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        window = torch.tensor([tokens[-model.max_seq_len :]], dtype=torch.long)
-        next_id = int(model.logits(window)[0, -1].argmax())
+        next_id = int(model.logits(torch.tensor([tokens], dtype=torch.long))[0, -1].argmax())
         if next_id in stop_ids:
             break
         new.append(next_id)
         tokens.append(next_id)
-        if stop_strings and decode is not None:
-            text = decode(new)
-            if any(s in text for s in stop_strings):
-                break
+        if stop_strings and decode is not None and _has_stop(decode(new), stop_strings):
+            break
     return new, truncated
+
+
+def _has_stop(text: str, stop_strings: Sequence[str]) -> bool:
+    return any(s in text for s in stop_strings)
+
+
+def _kv_cache_model(model: ScoringModel):
+    """The scratchlm Transformer behind a ScoringModel, if it is one (it can use a KV cache)."""
+    try:
+        from scratchlm.model.transformer import Transformer
+    except ImportError:
+        return None
+    return model.forward if isinstance(model.forward, Transformer) else None
+
+
+def generate_batch(
+    model: ScoringModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Iterable[int] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    stop_strings: Sequence[str] = (),
+) -> list[tuple[list[int], bool]]:
+    """`greedy_generate` for many prompts: batched with a KV cache when the model is a scratchlm
+    Transformer (`scratchlm.infer.generate.BatchDecoder`), one at a time otherwise."""
+    stop_ids = list(stop_ids)
+    transformer = _kv_cache_model(model)
+    if transformer is None:
+        return [greedy_generate(model, p, max_new_tokens, stop_ids, decode, stop_strings) for p in prompts]
+    from scratchlm.infer.generate import BatchDecoder
+
+    fitted = [fit_prompt(p, max_new_tokens, model.max_seq_len) for p in prompts]
+    results: list[tuple[list[int], bool]] = []
+    for start in range(0, len(prompts), model.batch_size):
+        chunk = fitted[start : start + model.batch_size]
+        decoder = BatchDecoder(transformer, [p for p, _, _ in chunk], max_new_tokens=chunk[0][1], stop_ids=stop_ids)
+        while not decoder.done:
+            for row, _ in decoder.step():
+                if stop_strings and decode is not None and _has_stop(decode(decoder.rows[row].tokens), stop_strings):
+                    decoder.finish(row)
+        results.extend((list(r.tokens), truncated) for r, (_, _, truncated) in zip(decoder.rows, chunk))
+    return results
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

@@ -40,7 +40,7 @@ from scratchlm.eval.scoring import (
     TruncationWarning,
     as_scoring_model,
     cut_at_stop,
-    greedy_generate,
+    generate_batch,
     score_requests,
 )
 from scratchlm.files import read_json
@@ -494,31 +494,32 @@ def _score_generation(scorer: ScoringModel, tokenizer, spec, examples, prompts, 
     encoder = PairEncoder(tokenizer)
     correct, truncated = [], 0
     with _progress_bar(len(prompts), spec.label, progress) as bar:
-        for i, prompt in enumerate(prompts):
-            text, was_truncated = generate_text(
-                scorer, tokenizer, encoder.encode_context(prompt.generation_prompt), spec.stop_strings, spec.max_new_tokens
-            )
-            truncated += was_truncated
-            numeric = is_number(examples[i]["answer"])
-            correct.append(extract_answer(text, spec, numeric) in gold_answers(examples[i], numeric))
-            bar.update(1)
+        for start in range(0, len(prompts), scorer.batch_size):
+            chunk = prompts[start : start + scorer.batch_size]
+            ids = [encoder.encode_context(p.generation_prompt) for p in chunk]
+            outputs = generate_texts(scorer, tokenizer, ids, spec.stop_strings, spec.max_new_tokens)
+            for i, (text, was_truncated) in enumerate(outputs, start=start):
+                truncated += was_truncated
+                numeric = is_number(examples[i]["answer"])
+                correct.append(extract_answer(text, spec, numeric) in gold_answers(examples[i], numeric))
+            bar.update(len(chunk))
     return correct, None, truncated
 
 
-def generate_text(
-    scorer: ScoringModel, tokenizer, prompt_ids: list[int], stop_strings: Sequence[str], max_new_tokens: int
-) -> tuple[str, bool]:
-    """Greedy text after the prompt, cut at the first stop string; and whether the prompt was
-    longer than the window."""
-    ids, truncated = greedy_generate(
+def generate_texts(
+    scorer: ScoringModel, tokenizer, prompts: Sequence[list[int]], stop_strings: Sequence[str], max_new_tokens: int
+) -> list[tuple[str, bool]]:
+    """Greedy text after each prompt, cut at the first stop string, and whether the prompt had
+    to lose tokens on the left to leave room for `max_new_tokens` in the window."""
+    outputs = generate_batch(
         scorer,
-        prompt_ids,
+        prompts,
         max_new_tokens,
         stop_ids=[tokenizer.eot_id],
         decode=tokenizer.decode,
         stop_strings=stop_strings,
     )
-    return cut_at_stop(tokenizer.decode(ids), stop_strings), truncated
+    return [(cut_at_stop(tokenizer.decode(ids), stop_strings), truncated) for ids, truncated in outputs]
 
 
 # ---------------------------------------------------------------------------------------------
