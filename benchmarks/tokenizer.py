@@ -147,53 +147,68 @@ def phase_train_hf(corpus: list[Path], vocab: int, out: Path) -> dict:
     return {"seconds": seconds, "peak_mb": _peak_mb()}
 
 
-def _timed(fn, n_bytes: int, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n_bytes / best / 1e6
+def _groups(texts: list[str], chars: int = 8_000_000) -> list[list[str]]:
+    """Consecutive groups of about `chars` characters (keeps batch results small in memory)."""
+    groups, current, size = [], [], 0
+    for t in texts:
+        current.append(t)
+        size += len(t)
+        if size >= chars:
+            groups.append(current)
+            current, size = [], 0
+    return groups + ([current] if current else [])
+
+
+def _mb_per_s(n_bytes: int, fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return n_bytes / (time.perf_counter() - start) / 1e6
 
 
 def phase_encode(corpus: list[Path], tok_dir: Path, hf_dir: Path) -> dict:
+    """Throughput of each contender (results discarded as they come), then id checks."""
     sys.path.insert(0, str(REPO / "src"))
-    import tiktoken  # noqa: F401
     from tokenizers import Tokenizer
 
     from scratchlm.tokenizer import BPETokenizer
 
     texts = [t for path in corpus for t in read_texts(path)]
+    groups = _groups(texts)
     n_bytes = corpus_bytes(texts)
-    ours = BPETokenizer.load(tok_dir)
+    cores = len(os.sched_getaffinity(0))
+    ours = BPETokenizer.load(tok_dir)  # a fresh instance: its chunk cache starts empty
     tik = ours.to_tiktoken()
-    hf_native = Tokenizer.from_file(str(hf_dir / "hf-tokenizer.json"))
-    ours.export_hf(tok_dir / "hf-export")
-    hf_export = Tokenizer.from_file(str(tok_dir / "hf-export" / "tokenizer.json"))
-    cores = os.cpu_count() or 1
+    hf = Tokenizer.from_file(str(hf_dir / "hf-tokenizer.json"))
     res = {"bytes": n_bytes, "cores": cores}
 
-    # One process. Each contender starts cold (a fresh scratchlm instance has an empty cache).
-    fresh = BPETokenizer.load(tok_dir)
-    res["scratchlm_1"] = _timed(lambda: [fresh.encode(t) for t in texts], n_bytes)
-    res["tiktoken_1"] = _timed(lambda: [tik.encode_ordinary(t) for t in texts], n_bytes)
-    res["hf_1"] = _timed(lambda: [hf_native.encode(t, add_special_tokens=False) for t in texts], n_bytes)
-    # All cores.
-    fresh = BPETokenizer.load(tok_dir)
-    res["scratchlm_all"] = _timed(lambda: fresh.encode_batch(texts), n_bytes)
-    res["tiktoken_all"] = _timed(lambda: tik.encode_ordinary_batch(texts, num_threads=cores), n_bytes)
-    res["hf_all"] = _timed(lambda: hf_native.encode_batch(texts, add_special_tokens=False), n_bytes)
+    def each(fn):
+        def run():
+            for t in texts:
+                fn(t)
+        return run
 
-    ids_ours = ours.encode_batch(texts)
-    ids_tik = tik.encode_ordinary_batch(texts, num_threads=cores)
-    ids_hf = [e.ids for e in hf_export.encode_batch(texts, add_special_tokens=False)]
-    res["same_ids_tiktoken"] = ids_ours == ids_tik
-    res["same_ids_hf_export"] = ids_ours == ids_hf
-    n_ours = sum(map(len, ids_ours))
-    n_hf = sum(len(e.ids) for e in hf_native.encode_batch(texts, add_special_tokens=False))
-    res["bpt_scratchlm"] = n_bytes / n_ours
-    res["bpt_hf"] = n_bytes / n_hf
-    res["peak_mb"] = _peak_mb()
+    res["scratchlm_1"] = _mb_per_s(n_bytes, each(ours.encode))
+    res["tiktoken_1"] = _mb_per_s(n_bytes, each(tik.encode_ordinary))
+    res["hf_1"] = _mb_per_s(n_bytes, each(lambda t: hf.encode(t, add_special_tokens=False)))
+    ours = BPETokenizer.load(tok_dir)
+    res["scratchlm_all"] = _mb_per_s(n_bytes, lambda: [ours.encode_batch(g) and None for g in groups])
+    res["tiktoken_all"] = _mb_per_s(
+        n_bytes, lambda: [tik.encode_ordinary_batch(g, num_threads=cores) and None for g in groups])
+    res["hf_all"] = _mb_per_s(
+        n_bytes, lambda: [hf.encode_batch(g, add_special_tokens=False) and None for g in groups])
+
+    ours.export_hf(tok_dir / "hf-export")
+    hf_export = Tokenizer.from_file(str(tok_dir / "hf-export" / "tokenizer.json"))
+    same_tik = same_hf = True
+    n_ours = n_hf = 0
+    for g in groups:
+        ids = ours.encode_batch(g)
+        n_ours += sum(map(len, ids))
+        same_tik &= ids == tik.encode_ordinary_batch(g, num_threads=cores)
+        same_hf &= ids == [e.ids for e in hf_export.encode_batch(g, add_special_tokens=False)]
+        n_hf += sum(len(e.ids) for e in hf.encode_batch(g, add_special_tokens=False))
+    res.update(same_ids_tiktoken=same_tik, same_ids_hf_export=same_hf,
+               bpt_scratchlm=n_bytes / n_ours, bpt_hf=n_bytes / n_hf, peak_mb=_peak_mb())
     return res
 
 
@@ -216,7 +231,9 @@ def bench_one(label: str, corpus: list[Path], vocab: int, skip_train_hf: bool) -
     del texts
     work = BENCH_DIR / f"tok-{label}-{vocab}"
     paths = ",".join(map(str, corpus))
-    print(f"\n== {label}: {mb:.1f} MB, vocab {vocab}, {os.cpu_count()} cores")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n== {label}: {mb:.1f} MB, vocab {vocab}, {len(os.sched_getaffinity(0))} cores, "
+          f"load average {load}")
     ours = run_phase("train-scratchlm", paths, vocab, work / "scratchlm")
     print(f"train  scratchlm   {ours['seconds']:7.2f} s  peak {ours['peak_mb']:7.0f} MB"
           f"  (C extension: {ours['extension']})")
@@ -256,6 +273,7 @@ def main() -> None:
             res = phase_encode(corpus, Path(rest[0]), Path(rest[1]))
         print(json.dumps(res))
         return
+    sys.stdout.reconfigure(line_buffering=True)
     corpus = build_corpus(args.mb)
     bench_one(f"machine-text-{args.mb:g}MB", [corpus], args.vocab, False)
     shared = sorted(SHARED_CORPORA.glob("*.jsonl")) if SHARED_CORPORA.is_dir() else []

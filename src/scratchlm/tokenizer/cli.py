@@ -85,6 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if stats.invalid_utf8_documents:
         print(f"warning: {stats.invalid_utf8_documents} documents had invalid UTF-8 (replaced)",
               file=sys.stderr)
+    if tok.vocab_size < args.vocab_size:
+        print(f"warning: the corpus ran out of pairs to merge: {tok.vocab_size} ids instead of "
+              f"{args.vocab_size}", file=sys.stderr)
     print(f"wrote {path} ({tok.vocab_size} ids, fingerprint {tok.fingerprint[:12]})")
     return 0
 
