@@ -83,7 +83,7 @@ def test_show_displays_boundaries_and_bytes(trained, capsys, tmp_path):
     assert main(["tokenizer", "show", "--tokenizer", str(out), "fox 😊"]) == 0
     shown = capsys.readouterr().out.splitlines()
     ids = load_tokenizer(out).encode("fox 😊")
-    assert f"{len(ids)} tokens, 9 bytes" in shown
+    assert f"{len(ids)} tokens, 8 bytes" in shown
     rows = [line.split()[0] for line in shown[4:] if line.strip()]
     assert rows == [str(i) for i in ids]  # one row per token, in order, with its id
     # An untrained (bytes-only) tokenizer shows the emoji as four single-byte pieces.
