@@ -7,10 +7,13 @@ non-EOT token is distinct, so a window's first token says where in the stream it
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchlm.data.loader import TokenLoader
 from scratchlm.data.shards import Dataset, write_dataset
@@ -226,3 +229,20 @@ def test_directory_without_complete_index_is_refused(dataset, tmp_path):
     (path / "index.json").write_text(json.dumps({"version": 1}))
     with pytest.raises(UserError, match="field"):
         Dataset.open(path)
+
+
+@settings(max_examples=15, deadline=None)
+@given(docs=st.lists(st.lists(st.integers(0, 69_998), max_size=30), min_size=1, max_size=12),
+       shard_tokens=st.integers(3, 50))
+def test_shard_writer_cuts_one_stream_at_a_fixed_size(docs, shard_tokens):
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = write_dataset(tmp, {"train": docs}, vocab_size=70_000, eot_id=69_999,
+                           tokenizer_sha256=FINGERPRINT, shard_tokens=shard_tokens)
+        ds = Dataset.open(tmp)  # checksums as written
+        assert ds.index["dtype"] == "uint32"
+        sizes = [r["tokens"] for r in ds.shard_records("train")]
+        assert all(size == shard_tokens for size in sizes[:-1]) and 0 < sizes[-1] <= shard_tokens
+        expected = [t for doc in docs for t in [69_999, *doc]]
+        assert ds.tokens("train").tolist() == expected
+        assert [d.tolist() for d in ds.iter_documents("train")] == docs
+        assert sum(r["docs"] for r in ds.shard_records("train")) == len(docs)

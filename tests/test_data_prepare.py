@@ -11,9 +11,11 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchlm.data.dedup import MinHashConfig, MinHasher, jaccard
-from scratchlm.data.filters import normalize_text
+from scratchlm.data.filters import FilterConfig, check_document, normalize_text
 from scratchlm.data.shards import Dataset, prepare_dataset
 from scratchlm.errors import UserError
 
@@ -310,3 +312,29 @@ def test_dataset_from_another_tokenizer_is_refused(tmp_path, tokenizer, prose_do
     loader.verify_tokenizer(tokenizer.fingerprint, tokenizer.vocab_size)
     with pytest.raises(UserError, match="tokenized with tokenizer"):
         loader.verify_tokenizer(other.fingerprint, other.vocab_size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=400),
+       kind=st.sampled_from(["prose", "code"]))
+def test_rules_accept_any_text_and_normalisation_is_idempotent(text, kind):
+    normal = normalize_text(text)
+    assert normalize_text(normal) == normal and "\r" not in normal
+    for config in (FilterConfig(), FilterConfig.none()):
+        verdict = check_document(normal, kind, config)
+        assert verdict is None or isinstance(verdict, str)
+    if not normal.strip():
+        assert check_document(normal, kind, FilterConfig.none()) == "empty"
+    else:
+        assert check_document(normal, kind, FilterConfig.none()) is None
+
+
+def test_filter_thresholds_come_from_config(tmp_path, tokenizer, prose_docs):
+    src = write_jsonl(tmp_path / "in.jsonl", ["A short but fine sentence of the kind we keep."]
+                      + prose_docs[:3])
+    ds = prepare(src, tokenizer, tmp_path / "out", filters={"min_words": 5}, val_fraction=0)
+    assert ds.num_docs("train") == 4
+    ds = prepare(src, tokenizer, tmp_path / "out", filters={"min_words": 100}, val_fraction=0)
+    assert ds.index["stats"]["filters"]["min_words"]["docs"] == 1 and ds.num_docs("train") == 3
+    with pytest.raises(UserError, match="unknown filter setting 'min_wrds'"):
+        prepare(src, tokenizer, tmp_path / "bad", filters={"min_wrds": 5})
