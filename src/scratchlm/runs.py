@@ -80,6 +80,10 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> Run:
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{run_dir / CONFIG_FILE}: no \"model\" section")
     model = Transformer(ModelConfig.from_dict(config["model"]))
+    if config.get("quantization"):  # a quantized run: swap in empty quantized modules to load into
+        from scratchlm.model.quant import apply_quantization
+
+        apply_quantization(model, config["quantization"], where=str(run_dir / CONFIG_FILE))
     weights_path = run_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise UserError(f"run has no weights: {weights_path}")
