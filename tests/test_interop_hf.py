@@ -201,3 +201,24 @@ def test_import_errors_are_one_line_user_errors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(UserError, match="pickles are not loaded"):
         load_hf_model(tmp_path)
+
+
+def test_cli_export_import_round_trip_and_refusal(tokenizer, tmp_path, capsys):
+    from scratchlm.cli import main
+
+    model = make_model("llama", tokenizer.vocab_size, seed=11, n_layer=1, n_head=2, n_kv_head=1, d_model=32)
+    save_run(tmp_path / "run", model, tokenizer, {"model": model.config.to_dict()})
+    assert main(["export", "--model", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert main(["import", "--format", "hf", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back = load_run(tmp_path / "back")
+    ids = torch.tensor([tokenizer.encode(TEXT)[:16]])
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), model(ids))
+
+    post_ln = Transformer(model_config("vaswani-tiny", vocab_size=tokenizer.vocab_size, n_layer=1))
+    save_run(tmp_path / "vaswani", post_ln, tokenizer, {"model": post_ln.config.to_dict()})
+    capsys.readouterr()
+    assert main(["export", "--model", str(tmp_path / "vaswani"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.positions='sinusoidal'" in err

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     e = subparsers.add_parser("export", help="export a run to Hugging Face (transformers) or GGUF")
     e.add_argument("--model", required=True, metavar="RUN", help="run dir")
     e.add_argument("--format", required=True, choices=["hf", "gguf"])
-    e.add_argument("--out", required=True, metavar="DIR")
+    e.add_argument("--out", required=True, metavar="DIR", help="output dir (gguf: or a .gguf file path)")
     e.add_argument("--dtype", default=None,
                    help="hf: float32 (default) | bfloat16 | float16; gguf: as scratchlm.interop.gguf accepts")
     e.set_defaults(func=run_export)
@@ -36,8 +36,12 @@ def run_export(args) -> int:
     else:
         from scratchlm.interop.gguf import export_gguf
 
+        from pathlib import Path
+
+        # --out names a directory (the GGUF goes in as model.gguf) or a .gguf file.
+        target = Path(args.out) if args.out.endswith(".gguf") else Path(args.out) / "model.gguf"
         kwargs = {"dtype": args.dtype} if args.dtype else {}
-        out = export_gguf(args.model, args.out, **kwargs)
+        out = export_gguf(args.model, target, **kwargs)
     print(f"exported {args.model} -> {out}", file=sys.stderr)
     return 0
 
