@@ -136,8 +136,11 @@ def test_training_is_deterministic_and_worker_count_does_not_matter(text, monkey
 
 def test_python_fallback_is_used_without_the_extension(text, monkeypatch):
     with_ext = BPETokenizer.train([text[:100_000]], 500, progress=False, workers=1)
+    from scratchlm.tokenizer import patterns
+
     monkeypatch.setattr(merging, "_fastbpe", None)
-    assert not merging.have_extension()
+    monkeypatch.setattr(patterns, "_fastbpe", None)
+    assert not merging.have_extension() and not patterns.fast_mode(patterns.GPT4_PATTERN)
     without = BPETokenizer.train([text[:100_000]], 500, progress=False, workers=1)
     assert without._encoder._native is None
     assert without.fingerprint == with_ext.fingerprint
@@ -252,3 +255,43 @@ def test_bad_training_input_is_a_user_error():
         BPETokenizer.train(["", ""], 300, progress=False, workers=1)
     with pytest.raises(UserError, match="not found"):
         load_tokenizer("/nonexistent/tokenizer/dir")
+
+
+# ----------------------------------------------------------------------------- C scanners
+
+
+def _probe_chars() -> list[str]:
+    # Every code point below U+0800 (ASCII, Latin, the apostrophe cases, most spaces), every
+    # 89th above it, and the odd ones: Unicode spaces, the long s that folds to "s", surrogates.
+    odd = [0x17F, 0x212A, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000, 0x85, 0xD800, 0xDFFF]
+    odd += list(range(0x2000, 0x200D))
+    return [chr(c) for c in sorted(set(range(0x800)) | set(range(0x800, 0x110000, 89)) | set(odd))]
+
+
+@needs_extension
+@pytest.mark.parametrize("pattern", [GPT4_PATTERN, GPT2_PATTERN])
+def test_c_scanner_splits_exactly_like_regex(pattern, text):
+    import regex
+
+    from scratchlm.tokenizer.patterns import _fastbpe, fast_mode
+
+    mode, compiled = fast_mode(pattern), regex.compile(pattern)
+    assert mode
+    chars = _probe_chars()
+    for template in ("'{}", "'{}e", " {}", "{}a", "{} ", "{}\n", "1{}2", " {}{}", "\r{}", "{}  x"):
+        s = "|".join(template.replace("{}", c) for c in chars)
+        assert _fastbpe.split(s, mode) == compiled.findall(s), template
+    assert _fastbpe.split(text, mode) == compiled.findall(text)
+
+
+@needs_extension
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from(list("aZ1 \t\n\r'sSdlLvVeErRtTmM.!-_😊漢\u0301\u00a0\u2003\x00ſ٣\ud800")),
+               max_size=16))
+def test_c_scanner_matches_regex_on_generated_strings(s):
+    import regex
+
+    from scratchlm.tokenizer.patterns import _fastbpe, fast_mode
+
+    for pattern in (GPT4_PATTERN, GPT2_PATTERN):
+        assert _fastbpe.split(s, fast_mode(pattern)) == regex.findall(pattern, s)

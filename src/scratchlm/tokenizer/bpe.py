@@ -29,7 +29,7 @@ from scratchlm.files import atomic_write_json, read_json, sha256_bytes
 from scratchlm.tokenizer import formats
 from scratchlm.tokenizer.counting import count_chunks, default_workers
 from scratchlm.tokenizer.merging import ChunkEncoder, learn_merges
-from scratchlm.tokenizer.patterns import resolve_pattern, split_text
+from scratchlm.tokenizer.patterns import fast_mode, resolve_pattern, split_text
 
 EOT = "<|endoftext|>"
 FORMAT_VERSION = 1
@@ -49,6 +49,8 @@ class BPETokenizer:
         self.merges: list[tuple[int, int, int]] = [tuple(m) for m in (merges or [])]
         self._check()
         self._encoder = ChunkEncoder(self.vocab)
+        # Split and encode in one C call when both the extension and a named pattern allow it.
+        self._fast_mode = fast_mode(self.pattern) if self._encoder._native is not None else 0
         self._special_re_cache: dict[frozenset, regex.Pattern] = {}
         self._fingerprint: str | None = None
 
@@ -134,6 +136,8 @@ class BPETokenizer:
     def _encode_ordinary(self, text: str) -> list[int]:
         if not text:
             return []
+        if self._fast_mode:
+            return self._encoder._native.encode_text(text, self._fast_mode)
         return self._encoder.encode_chunks(split_text(text, self.pattern))
 
     def _special_regex(self, allowed_special) -> regex.Pattern | None:
