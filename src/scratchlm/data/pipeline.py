@@ -293,60 +293,104 @@ def prepare_dataset(
 ) -> Dataset:
     """Build the dataset dir `out_dir` from `inputs` (source specs, see `scratchlm.data.sources`).
 
-    `tokenizer` is a tokenizer object or a tokenizer dir. `dedup`: none, exact or minhash
-    (minhash also removes exact copies). `decontaminate`: evaluation files whose 13-grams mark a
-    training document contaminated (`decontaminate_mode` drop or report). `removed_dir`: write
-    every removed document there, one JSONL file per stage. Returns the opened dataset; its
-    `index["stats"]` holds the counts of every stage.
+    `tokenizer` is a tokenizer object or a tokenizer dir. `weights`: one per input, mix the
+    sources in these proportions (see `mix_sources`). `dedup`: none, exact or minhash (minhash
+    also removes exact copies). `filters`: default, none, a dict of thresholds or a
+    FilterConfig. `decontaminate`: evaluation files whose 13-grams mark a training document
+    contaminated (`decontaminate_mode` drop or report). `removed_dir`: write every removed
+    document there, one JSONL file per stage. Returns the opened dataset; its `index["stats"]`
+    holds the counts of every stage.
     """
-    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else [str(s) for s in inputs]
-    specs = [str(s) for s in specs]
+    specs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(s) for s in inputs]
     if not specs:
         raise UserError("no input given")
     tokenizer = _load_tokenizer(tokenizer)
-    source_weights = _check_weights(specs, weights)
-    if dedup not in DEDUP_MODES:
-        raise UserError(f"dedup must be one of {', '.join(DEDUP_MODES)}, got {dedup!r}")
-    if decontaminate_mode not in DECONTAMINATE_MODES:
-        raise UserError(f"decontaminate mode must be drop or report, got {decontaminate_mode!r}")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"val fraction must be in [0, 1), got {val_fraction}")
-    filters = filter_config(filters)
-    minhash = (MinHashConfig.from_dict(minhash) if isinstance(minhash, dict)
-               else minhash or MinHashConfig())
-    decontaminate = [str(p) for p in decontaminate]
-    workers = max(1, int(workers or os.cpu_count() or 1))
-    vocab_size, eot_id = int(tokenizer.vocab_size), int(tokenizer.eot_id)
-    dtype = dtype_for_vocab(vocab_size)
-
-    settings = {
-        "inputs": specs, "weights": source_weights, "dedup": dedup, "filters": filters.to_dict(),
-        "minhash": minhash.to_dict() if dedup == "minhash" else None,
-        "decontaminate": decontaminate, "decontaminate_mode": decontaminate_mode,
-        "decontaminate_ngram": decontaminate_ngram, "val_fraction": val_fraction,
-        "shard_tokens": int(shard_tokens), "seed": int(seed), "text_field": text_field,
-        "tokenizer_sha256": tokenizer.fingerprint,
-        "input_files": _input_fingerprint(specs + decontaminate),
-    }
+    run = PrepareRun(
+        specs=specs, weights=_check_weights(specs, weights), dedup=dedup,
+        filters=filter_config(filters),
+        minhash=MinHashConfig.from_dict(minhash) if isinstance(minhash, dict)
+        else minhash or MinHashConfig(),
+        decontaminate=[str(p) for p in decontaminate], decontaminate_mode=decontaminate_mode,
+        decontaminate_ngram=int(decontaminate_ngram), val_fraction=float(val_fraction),
+        shard_tokens=int(shard_tokens), seed=int(seed), text_field=text_field, strict=strict)
+    settings = run.settings(tokenizer)
     settings_sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     out_dir = Path(out_dir)
     if not force and _is_same_complete_dataset(out_dir, settings_sha):
         return Dataset.open(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_dataset_files(out_dir)
+    remove_dataset_files(out_dir)  # the index goes first: a half-written dir is never a dataset
 
-    contamination = (ContaminationIndex.from_files(decontaminate, decontaminate_ngram)
-                     if decontaminate else None)
-    setup = WorkerSetup(tokenizer, filters, minhash if dedup == "minhash" else None, contamination)
-    sources = [SourceRecord(spec, w) for spec, w in zip(specs, source_weights)]
-    writers = {split: ShardWriter(out_dir, split, dtype, shard_tokens, eot_id)
+    workers = max(1, int(workers or os.cpu_count() or 1))
+    index = _stream_into_shards(run, tokenizer, out_dir, workers, removed_dir, progress)
+    _save_tokenizer_copy(tokenizer, out_dir)
+    index.update(settings=settings, settings_sha256=settings_sha)
+    atomic_write_json(out_dir / INDEX_NAME, index)
+    return Dataset.open(out_dir, verify=False)
+
+
+@dataclass
+class PrepareRun:
+    """The checked settings of one `prepare_dataset` call."""
+
+    specs: list[str]
+    weights: list[float | None]
+    dedup: str
+    filters: FilterConfig
+    minhash: MinHashConfig
+    decontaminate: list[str]
+    decontaminate_mode: str
+    decontaminate_ngram: int
+    val_fraction: float
+    shard_tokens: int
+    seed: int
+    text_field: str
+    strict: bool
+
+    def __post_init__(self):
+        if self.dedup not in DEDUP_MODES:
+            raise UserError(f"dedup must be one of {', '.join(DEDUP_MODES)}, got {self.dedup!r}")
+        if self.decontaminate_mode not in DECONTAMINATE_MODES:
+            raise UserError("decontaminate mode must be drop or report, "
+                            f"got {self.decontaminate_mode!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"val fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1:
+            raise UserError(f"shard size must be at least 1 token, got {self.shard_tokens}")
+
+    def settings(self, tokenizer) -> dict:
+        """Everything the result depends on; an identical re-run over a complete dir is a no-op."""
+        return {
+            "inputs": self.specs, "weights": self.weights, "dedup": self.dedup,
+            "filters": self.filters.to_dict(),
+            "minhash": self.minhash.to_dict() if self.dedup == "minhash" else None,
+            "decontaminate": self.decontaminate, "decontaminate_mode": self.decontaminate_mode,
+            "decontaminate_ngram": self.decontaminate_ngram, "val_fraction": self.val_fraction,
+            "shard_tokens": self.shard_tokens, "seed": self.seed, "text_field": self.text_field,
+            "tokenizer_sha256": tokenizer.fingerprint,
+            "input_files": _input_fingerprint(self.specs + self.decontaminate),
+        }
+
+
+def _stream_into_shards(run: PrepareRun, tokenizer, out_dir: Path, workers: int,
+                        removed_dir, progress: bool) -> dict:
+    """The one pass over the inputs; returns the index (without settings) of what it wrote."""
+    vocab_size, eot_id = int(tokenizer.vocab_size), int(tokenizer.eot_id)
+    dtype = dtype_for_vocab(vocab_size)
+    contamination = (ContaminationIndex.from_files(run.decontaminate, run.decontaminate_ngram)
+                     if run.decontaminate else None)
+    minhash = run.minhash if run.dedup == "minhash" else None
+    setup = WorkerSetup(tokenizer, run.filters, minhash, contamination)
+    sources = [SourceRecord(spec, w) for spec, w in zip(run.specs, run.weights)]
+    writers = {split: ShardWriter(out_dir, split, dtype, run.shard_tokens, eot_id)
                for split in ("train", "val")}
     removals = Removals(removed_dir)
-    state = _PackState(dedup, minhash, contamination, decontaminate_mode, val_fraction, seed)
-    bar = _progress_bar(specs, progress)
+    state = _PackState(run.dedup, run.minhash, contamination, run.decontaminate_mode,
+                       run.val_fraction, run.seed)
+    bar = _progress_bar(run.specs, progress)
     completed = False
     try:
-        docs = mix_sources(sources, text_field, strict)
+        docs = mix_sources(sources, run.text_field, run.strict)
         for chunk, result in _run_ordered(_chunks(docs), setup, workers):
             _pack_chunk(chunk, result, sources, writers, removals, state)
             if bar is not None:
@@ -363,23 +407,18 @@ def prepare_dataset(
             for writer in writers.values():
                 writer.abort()
         removals.close(keep=completed)
-
     if state.kept_docs == 0:
         raise UserError("no documents left to write: " + _why_empty(sources, removals))
-    _save_tokenizer_copy(tokenizer, out_dir)
-    index = {
+    return {
         "version": INDEX_VERSION, "dtype": dtype, "vocab_size": vocab_size, "eot_id": eot_id,
         "tokenizer_sha256": tokenizer.fingerprint, "eot": EOT_LAYOUT, "shards": shards,
-        "splits": {split: {"tokens": w.tokens, "docs": w.docs,
-                           "shards": len(w.records)} for split, w in writers.items()},
+        "splits": {split: {"tokens": w.tokens, "docs": w.docs, "shards": len(w.records)}
+                   for split, w in writers.items()},
         "sources": [s.to_dict() for s in sources],
-        "mixture": "proportional to weights, stops when a weighted source runs out"
-                   if weights is not None else "each source read whole",
-        "stats": _stats(sources, removals, state, contamination, dedup, minhash),
-        "settings": settings, "settings_sha256": settings_sha,
+        "mixture": "each source read whole" if all(w is None for w in run.weights)
+                   else "proportional to weights, stops when a weighted source runs out",
+        "stats": _stats(sources, removals, state, contamination, run.dedup, run.minhash),
     }
-    atomic_write_json(out_dir / INDEX_NAME, index)
-    return Dataset.open(out_dir, verify=False)
 
 
 @dataclass
