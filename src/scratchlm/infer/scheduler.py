@@ -47,6 +47,7 @@ class GenerationRequest:
     sampling: SamplingParams = GREEDY
     stop: Sequence[str] = ()
     stop_ids: Sequence[int] = ()
+    ignore_eos: bool = False  # keep going past end-of-text (benchmarks want fixed lengths)
 
 
 @dataclass
@@ -253,7 +254,7 @@ class Scheduler:
         self._next_input = torch.cat([self._next_input, first.unsqueeze(1)])
         self._sampler = _merge_samplers(self._sampler, sampler, self.vocab_size, self.device)
         for h in handles:
-            stop_ids = set(gen.stop_ids_for(self.tokenizer, h.request.stop_ids, False))
+            stop_ids = set(gen.stop_ids_for(self.tokenizer, h.request.stop_ids, h.request.ignore_eos))
             self._rows.append(_Row(h, gen.TextStream(self.tokenizer, h.request.stop), stop_ids))
         self.stats.max_active = max(self.stats.max_active, len(self._rows))
         self._take_tokens(first, range(base, base + len(handles)))

@@ -338,6 +338,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, **kwargs):
 
     def common(body: dict) -> tuple[SamplingParams, list[str], int, bool, bool]:
         sampling = _sampling(body)
+        _field(body, "ignore_eos", "bool", False)  # checked here, read in requests_for
         stop = _stop_strings(body)
         n = _field(body, "n", "int", 1, lo=1, hi=MAX_N)
         stream = _field(body, "stream", "bool", False)
@@ -348,14 +349,15 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, **kwargs):
                            code="invalid_type")
         return sampling, stop, n, stream, include_usage
 
-    def requests_for(prompt: list[int], max_tokens: int, sampling: SamplingParams, stop: list[str],
+    def requests_for(body: dict, prompt: list[int], max_tokens: int, sampling: SamplingParams, stop: list[str],
                      stop_ids: list[int], n: int) -> list[GenerationRequest]:
+        ignore_eos = bool(body.get("ignore_eos", False))  # vLLM's extension: fixed-length outputs
         out = []
         for i in range(n):
             # n choices from one seed must still differ from each other
             params = sampling if sampling.seed is None or i == 0 else SamplingParams(
                 **{**sampling.to_dict(), "seed": sampling.seed + i})
-            out.append(GenerationRequest(prompt, max_tokens, params, stop, stop_ids))
+            out.append(GenerationRequest(prompt, max_tokens, params, stop, stop_ids, ignore_eos))
         return out
 
     # -- /v1/completions --------------------------------------------------------------------------
@@ -370,7 +372,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, **kwargs):
         all_requests, prompt_tokens = [], 0
         for ids in prompts:
             max_tokens = engine.max_tokens(body, len(ids), ("max_tokens",), 16)
-            all_requests += requests_for(ids, max_tokens, sampling, stop, [], n)
+            all_requests += requests_for(body, ids, max_tokens, sampling, stop, [], n)
             prompt_tokens += len(ids)
         handles = engine.submit(all_requests)
         rid, model_name = f"cmpl-{uuid.uuid4().hex[:24]}", config.model_id
@@ -403,7 +405,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, **kwargs):
         ids, extra_stop, stop_ids = engine.chat_prompt(messages)
         max_tokens = engine.max_tokens(body, len(ids), ("max_completion_tokens", "max_tokens"),
                                        config.default_max_tokens)
-        handles = engine.submit(requests_for(ids, max_tokens, sampling, stop + extra_stop, stop_ids, n))
+        handles = engine.submit(requests_for(body, ids, max_tokens, sampling, stop + extra_stop, stop_ids, n))
         rid, model_name = f"chatcmpl-{uuid.uuid4().hex[:24]}", config.model_id
 
         def chunk(index: int, text: str, finish: str | None, first: bool = False) -> dict:

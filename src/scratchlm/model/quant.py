@@ -349,7 +349,7 @@ def quantize_model(
     `bits` applies to the block projections; `embed_bits` / `head_bits` (8, 4, None = keep float,
     "same" = `bits`) to the token embedding and the output head. A tied head follows the
     embedding. `group_size` is used by INT4 only. GPTQ needs `calibration`, token windows
-    `[N, T]` (see `calibration_windows`); the embedding is always round-to-nearest.
+    `[N, T]` (see `sample_calibration_windows`); the embedding is always round-to-nearest.
     """
     if method not in METHODS:
         raise UserError(f"unknown quantization method {method!r}: use one of {', '.join(METHODS)}")
@@ -592,7 +592,7 @@ def _collect_hessians(model, names, stop_at, calibration, batch_size, device) ->
     return hessians
 
 
-def calibration_windows(dataset_dir, n_windows: int = 128, seq_len: int = 256, seed: int = 0, split: str = "train") -> torch.Tensor:
+def sample_calibration_windows(dataset_dir, n_windows: int = 128, seq_len: int = 256, seed: int = 0, split: str = "train") -> torch.Tensor:
     """`n_windows` random token windows `[n, seq_len]` from a dataset dir, for GPTQ."""
     from scratchlm.data.loader import TokenLoader
 
@@ -676,7 +676,7 @@ def quantize_run(
         if calibration_dir is None:
             raise UserError("--method gptq needs --calibration DATASET_DIR (token windows to calibrate on)")
         seq_len = min(calibration_seq_len, run.model.config.max_seq_len)
-        calibration = calibration_windows(calibration_dir, calibration_windows, seq_len, seed)
+        calibration = sample_calibration_windows(calibration_dir, calibration_windows, seq_len, seed)
         if int(calibration.max()) >= run.model.config.vocab_size:
             raise UserError(f"{calibration_dir}: token ids exceed the model's vocab_size; wrong tokenizer?")
     section = quantize_model(run.model, bits, group_size, method, embed_bits, head_bits, calibration,
