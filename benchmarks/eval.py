@@ -1,0 +1,143 @@
+"""Benchmark: examples scored per second on a CPU, batched vs one at a time, and vs the peer
+(lm-evaluation-harness with a transformers model of the same weights).
+
+A randomly initialised ~30M-parameter GPT-2-style model (8 layers, d_model 512, 8 heads, vocab
+4096 from a BPE tokenizer trained here on the shared corpora) is saved as a run and exported with
+`scratchlm.interop.hf`. The task is a multiple-choice benchmark from the shared suite (default
+arc_easy, 3-shot as tasks.json says, the first N examples). Measured:
+
+- scratchlm, batched (`--batch-size`, default 32 sequences per forward pass);
+- scratchlm, one request at a time (batch size 1);
+- the peer: lm_eval's `hf` model (HFLM) on the same task, exported as an lm_eval task by
+  `scratchlm.eval.lm_eval_adapter.write_harness_tasks`, same batch size, same threads. (HFLM
+  puts no EOT before contexts, so its accuracies may differ slightly: the speed is compared.)
+
+Batched and one-at-a-time accuracies are checked to be identical before timings are printed.
+
+    python benchmarks/eval.py [--tasks-dir ../shared/eval] [--task arc_easy] [--limit 40]
+                              [--batch-size 32] [--threads 2] [--repeats 2] [--no-peer]
+
+Not a test: it prints examples/s and ratios; docs/benchmarks.md records results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SCRATCHLM_SHARED", REPO.parent / "shared"))
+
+
+def build_run(run_dir: Path, corpora: Path, vocab_size: int) -> None:
+    from scratchlm.model.config import model_config
+    from scratchlm.model.transformer import Transformer
+    from scratchlm.runs import save_run
+    from scratchlm.tokenizer import BPETokenizer
+
+    texts = []
+    for path in sorted(corpora.glob("*.jsonl")):
+        for line in open(path, encoding="utf-8"):
+            texts.append(json.loads(line)["text"][:300_000])
+    tokenizer = BPETokenizer.train(texts, vocab_size=vocab_size, progress=False)
+    torch.manual_seed(0)
+    config = model_config("gpt2", vocab_size=tokenizer.vocab_size, n_layer=8, n_head=8, d_model=512, max_seq_len=1024)
+    save_run(run_dir, Transformer(config).eval(), tokenizer, {})
+
+
+def best_time(fn, repeats: int):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def ours(run, spec, limit: int, batch_size: int):
+    from scratchlm.eval.scoring import as_scoring_model
+    from scratchlm.eval.tasks import evaluate_task
+
+    scorer = as_scoring_model(run.model, batch_size=batch_size)
+    return evaluate_task(scorer, run.tokenizer, spec, limit=limit, progress=False)
+
+
+def peer(hf_dir: Path, task_dir: Path, name: str, batch_size: int):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), batch_size=batch_size, device="cpu", dtype="float32")
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+
+    def run():
+        return lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, bootstrap_iters=0,
+                                       log_samples=False, verbosity="ERROR")
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks-dir", type=Path, default=SHARED / "eval")
+    parser.add_argument("--corpora", type=Path, default=SHARED / "corpora")
+    parser.add_argument("--task", default="arc_easy")
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--no-peer", action="store_true", help="skip the lm-evaluation-harness + transformers peer")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from scratchlm.eval.tasks import load_suite
+    from scratchlm.runs import load_run
+
+    spec = load_suite(args.tasks_dir)[args.task]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_run(tmp / "run", args.corpora, args.vocab_size)
+        run = load_run(tmp / "run")
+        n_params = sum(p.numel() for p in run.model.parameters())
+        print(f"model: {n_params / 1e6:.1f}M parameters, vocab {run.tokenizer.vocab_size}, "
+              f"task {args.task} ({spec.type}, {spec.num_fewshot}-shot), {args.limit} examples, "
+              f"{args.threads} threads, {platform.processor() or platform.machine()}")
+        ours(run, spec, 2, args.batch_size)  # warm-up
+        t_batched, r_batched = best_time(lambda: ours(run, spec, args.limit, args.batch_size), args.repeats)
+        t_single, r_single = best_time(lambda: ours(run, spec, args.limit, 1), args.repeats)
+        assert (r_batched.accuracy, r_batched.accuracy_norm) == (r_single.accuracy, r_single.accuracy_norm), \
+            "batched and one-at-a-time scoring disagree"
+        rows = [
+            (f"scratchlm batched (batch {args.batch_size})", t_batched, r_batched.accuracy),
+            ("scratchlm one at a time", t_single, r_single.accuracy),
+        ]
+        if not args.no_peer:
+            from scratchlm.eval.lm_eval_adapter import TASK_PREFIX, harness_value, write_harness_tasks
+            from scratchlm.interop.hf import export_hf
+
+            export_hf(tmp / "run", tmp / "hf")
+            names = write_harness_tasks(args.tasks_dir, tmp / "tasks", [args.task], args.limit)
+            run_peer = peer(tmp / "hf", tmp / "tasks", names[0], args.batch_size)
+            t_peer, r_peer = best_time(run_peer, args.repeats)
+            rows.append((f"lm_eval hf (batch {args.batch_size})", t_peer,
+                         harness_value(r_peer["results"][TASK_PREFIX + args.task], "acc")))
+        print(f"{'':34} {'seconds':>8} {'examples/s':>11} {'accuracy':>9}")
+        for name, seconds, acc in rows:
+            print(f"{name:34} {seconds:8.2f} {args.limit / seconds:11.2f} {acc:9.3f}")
+        print(f"batched / one at a time: {t_single / t_batched:.2f}x")
+        if not args.no_peer:
+            print(f"scratchlm batched / lm_eval hf: {t_peer / t_batched:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
