@@ -278,3 +278,13 @@ def test_cli_generate_streams_and_reports_errors(lm, capsys):
     assert streamed == lm.generate("the cat", max_new_tokens=10) + "\n"
     assert main(["generate", "--model", str(lm.path), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_quantized_model_generates_with_cache():
+    from scratchlm.model.quant import quantize_model
+
+    model = make_model("llama", seed=6)
+    quantize_model(model, bits=8, progress=False)
+    assert generate_ids(model, PROMPTS[:2], max_new_tokens=8) == [
+        generate_ids(model, [p], max_new_tokens=8, use_cache=False)[0] for p in PROMPTS[:2]
+    ]

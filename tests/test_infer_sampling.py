@@ -22,6 +22,16 @@ hf_gen = pytest.importorskip("transformers.generation.logits_process")
 V = 50
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a busy shared machine spinning OpenMP threads
+    make each op far slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_logits(seed: int, batch: int = 4) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, V, generator=g) * 3

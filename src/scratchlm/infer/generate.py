@@ -70,16 +70,26 @@ def context_length(model) -> int:
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def activation_dtype(model) -> torch.dtype:
+    """The dtype activations (and so the KV cache) have: that of the first float parameter or
+    buffer (a quantized model keeps integer codes but computes in float)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
 
 
 def new_kv_cache(model, batch_size: int, max_len: int):
     """A preallocated cache for `batch_size` rows of up to `max_len` tokens, in the model's dtype."""
     from scratchlm.model.kv_cache import KVCache
 
-    param = next(model.parameters())
-    dtype = param.dtype if param.is_floating_point() else torch.float32
-    return KVCache.for_config(model.config, batch_size, max_len, dtype=dtype, device=param.device)
+    return KVCache.for_config(model.config, batch_size, max_len, dtype=activation_dtype(model),
+                              device=model_device(model))
 
 
 def select_cache_rows(cache, idx: torch.Tensor) -> None:
