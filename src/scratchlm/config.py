@@ -52,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     dtype: str = "auto"  # fp32 | bf16 | fp16 | auto
     compile: bool = False
+    fused_loss: bool = True  # output head + cross-entropy in chunks (no full logits tensor)
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0

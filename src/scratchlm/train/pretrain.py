@@ -40,6 +40,7 @@ class PretrainTask:
         self.rank, self.world_size = rank, world_size
         self.doc_mask = data_cfg.doc_mask
         self.strategy = strategy
+        self.fused_loss = train_cfg.fused_loss
         self.loader = TokenLoader(dataset, split="train", seq_len=self.seq_len,
                                   batch_size=self.batch_size, seed=train_cfg.seed, rank=rank,
                                   world_size=world_size, mode=data_cfg.mode,
@@ -54,7 +55,10 @@ class PretrainTask:
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float], int]:
         inputs, targets, doc_ids = self._to_device(model, batch)
-        logits = model(inputs, doc_ids=doc_ids) if doc_ids is not None else model(inputs)
+        kwargs = {"doc_ids": doc_ids} if doc_ids is not None else {}
+        if self.fused_loss and can_fuse_head(model):
+            return next_token_loss_fused(model, inputs, targets, **kwargs), {}, targets.numel()
+        logits = model(inputs, **kwargs)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return loss, {}, targets.numel()
 
@@ -115,6 +119,39 @@ class PretrainTask:
         if doc_ids is not None:
             doc_ids = doc_ids.to(device, non_blocking=non_blocking)
         return inputs, targets, doc_ids
+
+
+def can_fuse_head(model) -> bool:
+    """The fused loss needs the model itself (a wrapper's forward must run as it is)."""
+    from scratchlm.model.transformer import Transformer
+
+    return isinstance(model, Transformer) and isinstance(getattr(model, "lm_head", None), torch.nn.Linear) \
+        and model.lm_head.bias is None
+
+
+class _HiddenStates(torch.nn.Module):
+    """Stands in for the output head for one forward pass, so the model returns h, not logits."""
+
+    def forward(self, h):
+        return h
+
+
+def next_token_loss_fused(model, inputs, targets, **kwargs) -> torch.Tensor:
+    """Cross-entropy with the output head fused into the loss (see `scratchlm.train.losses`).
+
+    The model's own forward runs with its `lm_head` swapped out for the duration of the call,
+    so everything before the head stays the model's business; the head's weight (tied or not)
+    gets its gradient through the fused function.
+    """
+    from scratchlm.train.losses import fused_linear_cross_entropy
+
+    head = model.lm_head
+    model.lm_head = _HiddenStates()
+    try:
+        h = model(inputs, **kwargs)
+    finally:
+        model.lm_head = head
+    return fused_linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
 
 
 def _model_device(model) -> torch.device:

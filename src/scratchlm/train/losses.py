@@ -1,0 +1,80 @@
+"""Losses for training, computed without materialising the full logits when that is faster.
+
+`fused_linear_cross_entropy(h, weight, targets)` is the output projection and the mean
+cross-entropy in one autograd function, evaluated over chunks of rows: each chunk's logits are
+made, turned into the loss and the gradient (softmax - one-hot) at once, and dropped. The full
+[tokens, vocab] logits (and their fp32 copy, log-softmax and its gradient) never exist, so the
+memory traffic of the largest tensors of a small model's step stays in cache. Same result as
+`F.cross_entropy(h @ weight.T, targets)` up to float rounding (tests hold it to that).
+Not for anything that needs the logits themselves (generation, evaluation of choices).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_ROWS = 256
+CHUNK_ELEMENTS = 1 << 21  # logits per chunk: 8 MB in fp32, small enough to stay in cache
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, ignore_index):
+        n = h.shape[0]
+        w = weight.to(compute_dtype)
+        hc = h.to(compute_dtype)
+        valid = targets != ignore_index
+        count = max(1, int(valid.sum()))
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) if ctx.needs_input_grad[1] else None
+        # the softmax runs in fp32 at least (bf16/fp16 logits are upcast, fp64 stays fp64)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+        total = torch.zeros((), dtype=acc_dtype, device=h.device)
+        for start in range(0, n, chunk_rows):
+            stop = min(n, start + chunk_rows)
+            t = targets[start:stop]
+            ok = valid[start:stop]
+            safe_t = torch.where(ok, t, torch.zeros_like(t))
+            logits = (hc[start:stop] @ w.T).to(acc_dtype)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += ((lse - picked) * ok).sum()
+            if need_grad:
+                # d(mean loss)/d(logits) = (softmax - onehot) / count, zero on ignored rows
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(stop - start, device=h.device), safe_t] -= 1.0
+                probs *= (ok.to(probs.dtype) / count)[:, None]
+                g = probs.to(compute_dtype)
+                if grad_h is not None:
+                    grad_h[start:stop] = (g @ w).to(h.dtype)
+                if grad_w is not None:
+                    grad_w += (g.T @ hc[start:stop]).to(grad_w.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return (total / count).to(torch.promote_types(h.dtype, acc_dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_out if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               chunk_rows: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of `h @ weight.T` against `targets` ([N, d], [V, d], [N]).
+
+    Targets equal to `ignore_index` count for nothing (as in `F.cross_entropy`). Under autocast
+    the matmuls run in the autocast dtype and the softmax in fp32, as the unfused path does.
+    """
+    if chunk_rows is None:
+        chunk_rows = max(32, min(4096, CHUNK_ELEMENTS // weight.shape[0]))
+    if torch.is_autocast_enabled(h.device.type):
+        compute_dtype = torch.get_autocast_dtype(h.device.type)
+    else:
+        compute_dtype = torch.promote_types(h.dtype, weight.dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(h, weight, targets, chunk_rows, compute_dtype, ignore_index)
