@@ -43,6 +43,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Token ids in, next-token logits out: embed -> blocks -> head (docs/internals.md, Model)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -131,7 +133,7 @@ class Transformer(nn.Module):
                 raise ValueError("doc_ids cannot be combined with a non-empty KV cache")
             mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
         if attn_mask is not None:
-            mask = mask & attn_mask
+            mask = mask & attn_mask.to(torch.bool)
             # a query that may see nothing (a padding slot) would get NaN from the softmax and
             # spread it through the values; let it see everything instead (its output is unused)
             mask = mask | ~mask.any(dim=-1, keepdim=True)
