@@ -46,15 +46,15 @@ def drive(scheduler: Scheduler, requests: list[GenerationRequest], rng: random.R
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
 def test_staggered_requests_match_generating_each_alone(preset, tokenizer):
-    model = tiny_model(preset, tokenizer.vocab_size)
+    model = tiny_model(preset, tokenizer.vocab_size, ctx=32)
     rng = random.Random(1)
     requests = []
     for i in range(10):
-        prompt = [rng.randrange(0, 256) for _ in range(rng.randint(1, 20))]
+        prompt = [rng.randrange(0, 256) for _ in range(rng.randint(1, 14))]
         sampling = SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.9, top_k=20, seed=i)
-        requests.append(GenerationRequest(prompt, rng.randint(1, 20), sampling))
+        requests.append(GenerationRequest(prompt, rng.randint(1, 18), sampling))
     # a cache of exactly one context window forces compactions as rows of different ages mix
-    scheduler = Scheduler(model, tokenizer, max_batch=4, max_queue=100, cache_len=48)
+    scheduler = Scheduler(model, tokenizer, max_batch=4, max_queue=100, cache_len=32)
     handles = drive(scheduler, requests, rng)
     assert scheduler.stats.max_active == 4 and scheduler.stats.compactions > 0
     for handle, req in zip(handles, requests):
