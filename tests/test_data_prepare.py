@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -151,6 +152,10 @@ def test_decontamination_catches_a_planted_benchmark_question(tmp_path, tokenize
     report = ds.index["stats"]["decontamination"]
     assert report["docs_flagged"] == 1 and report["docs"] == 1
     assert report["flagged_by_file"] == {evals[0]: 1}
+    example = report["examples"][0]
+    assert example["eval_file"] == evals[0] and example["id"].endswith("in.jsonl:4")
+    query_words = " ".join(re.findall(r"\w+", record["query"].lower()))
+    assert len(example["ngram"].split()) == 13 and example["ngram"] in query_words
     assert planted not in decoded_docs(ds, tokenizer, "train") and ds.num_docs("train") == 8
     ds = prepare(src, tokenizer, tmp_path / "report", decontaminate=evals,
                  decontaminate_mode="report", val_fraction=0)

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from scratchlm.data.dedup import ngram_hashes, word_hashes
+from scratchlm.data.dedup import WORD, ngram_hashes, word_hashes
 from scratchlm.data.sources import JSONL_SUFFIXES, resolve_files
 from scratchlm.errors import UserError
 
@@ -101,15 +101,23 @@ class ContaminationIndex:
 
     def find(self, text: str) -> int:
         """Index of the evaluation file a text shares an n-gram with, or -1."""
+        match = self.match(text)
+        return -1 if match is None else match[0]
+
+    def match(self, text: str) -> tuple[int, str] | None:
+        """(evaluation file index, the first shared n-gram's words) or None."""
         if self.hashes.size == 0:
-            return -1
+            return None
         grams = ngram_hashes(word_hashes(text), self.ngram)
         if grams.size == 0:
-            return -1
+            return None
         where = np.searchsorted(self.hashes, grams)
         where[where == self.hashes.size] = 0
         hits = np.flatnonzero(self.hashes[where] == grams)
-        return int(self.owners[where[hits[0]]]) if hits.size else -1
+        if not hits.size:
+            return None
+        words = WORD.findall(text.lower())
+        return int(self.owners[where[hits[0]]]), " ".join(words[hits[0]:hits[0] + self.ngram])
 
     def summary(self) -> dict:
         return {"ngram": self.ngram, "files": self.files, "records": self.records,

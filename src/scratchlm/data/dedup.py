@@ -33,7 +33,7 @@ import regex
 from scratchlm.errors import UserError
 
 DEDUP_MODES = ("none", "exact", "minhash")
-_WORD = regex.compile(r"\w+")
+WORD = regex.compile(r"\w+")  # the words of shingles and decontamination n-grams
 _CACHE_LIMIT = 1 << 20
 _word_cache: dict[str, int] = {}
 # Fixed odd multipliers that fold word hashes into n-gram hashes (position-dependent).
@@ -57,7 +57,7 @@ def _stable_word_hash(word: str) -> int:
 
 def word_hashes(text: str) -> np.ndarray:
     """A stable 64-bit hash per lower-cased `\\w+` word of `text`, in order."""
-    words = _WORD.findall(text.lower())
+    words = WORD.findall(text.lower())
     cache = _word_cache
     return np.fromiter((cache.get(w) or _stable_word_hash(w) for w in words),
                        dtype=np.uint64, count=len(words))

@@ -45,6 +45,7 @@ DEFAULT_VAL_FRACTION = 0.01
 CHUNK_BYTES = 1 << 18  # small enough to keep both workers busy to the end of a run
 CHUNK_DOCS = 256
 DECONTAMINATE_MODES = ("drop", "report")
+MAX_EXAMPLES = 20
 
 
 # -- mixing sources ---------------------------------------------------------------------------
@@ -123,14 +124,14 @@ class WorkerSetup:
 
 @dataclass
 class ChunkResult:
-    """Per document of a chunk: removal reason, byte size, key, signature, contamination hit;
+    """Per document of a chunk: removal reason, byte size, key, signature, contamination match;
     and the token ids of the documents that passed the filters, concatenated."""
 
     reasons: list[str | None]
     sizes: list[int]
     keys: list[bytes | None]
     signatures: list[np.ndarray | None]
-    contaminated: list[int]
+    contaminated: list[tuple[int, str] | None]  # (eval file index, shared n-gram)
     token_lengths: np.ndarray
     tokens: np.ndarray
 
@@ -159,11 +160,11 @@ def _process_chunk(items: list[tuple[str, str]]) -> ChunkResult:
         if reason is not None:
             result.keys.append(None)
             result.signatures.append(None)
-            result.contaminated.append(-1)
+            result.contaminated.append(None)
             continue
         result.keys.append(text_key(text))
         result.signatures.append(_worker_minhasher.signature(text) if _worker_minhasher else None)
-        result.contaminated.append(setup.contamination.find(text) if setup.contamination else -1)
+        result.contaminated.append(setup.contamination.match(text) if setup.contamination else None)
         passed.append(text)
     ids = encode_texts(setup.tokenizer, passed)
     result.token_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -434,6 +435,7 @@ class _PackState:
     kept_docs: int = 0
     kept_bytes: int = 0
     flagged: dict = field(default_factory=dict)  # contamination hits per eval file
+    examples: list = field(default_factory=list)  # the first few, with the shared n-gram
 
     def __post_init__(self):
         if self.dedup == "minhash":
@@ -453,7 +455,7 @@ def _pack_chunk(chunk, result: ChunkResult, sources, writers, removals: Removals
     """Apply, in input order, the decisions that need every earlier document: dedup, split."""
     token_ends = np.cumsum(result.token_lengths)
     passed = 0
-    for (source, doc), reason, size, key, signature, hit in zip(
+    for (source, doc), reason, size, key, signature, match in zip(
             chunk, result.reasons, result.sizes, result.keys, result.signatures,
             result.contaminated):
         if reason is not None:
@@ -471,11 +473,14 @@ def _pack_chunk(chunk, result: ChunkResult, sources, writers, removals: Removals
                 removals.add("dedup", "minhash", doc, size)
                 continue
             state.lsh.add(signature)
-        if hit >= 0:
-            eval_file = state.contamination.files[hit]
+        if match is not None:
+            eval_file, ngram = state.contamination.files[match[0]], match[1]
             state.flagged[eval_file] = state.flagged.get(eval_file, 0) + 1
+            if len(state.examples) < MAX_EXAMPLES:
+                state.examples.append({"id": doc.id, "eval_file": eval_file, "ngram": ngram})
             if state.decontaminate_mode == "drop":
-                removals.add("decontaminate", Path(eval_file).name, doc, size, eval_file)
+                removals.add("decontaminate", Path(eval_file).name, doc, size,
+                             f"{eval_file}: {ngram}")
                 continue
         writers[state.split_of(key)].add_document(ids)
         record = sources[source]
@@ -514,6 +519,7 @@ def _stats(sources, removals: Removals, state: _PackState, contamination, dedup,
         stats["decontamination"] = {**contamination.summary(), "mode": state.decontaminate_mode,
                                     "docs_flagged": sum(state.flagged.values()),
                                     "flagged_by_file": state.flagged,
+                                    "examples": state.examples,
                                     **removals.total("decontaminate")}
     return stats
 
