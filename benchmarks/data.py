@@ -6,7 +6,8 @@ the Python standard library's source, and a BPE tokenizer trained on a slice of 
 
   throughput  `prepare_dataset` (--workers processes) end to end over --mb MB, against the
               tokenizer's own `encode_batch` (same workers) over the same texts already in
-              memory: the ratio of MB/s (target >= 0.8). Run twice: filters and dedup off
+              memory: the ratio of MB/s (target >= 0.8), and the ratio of CPU seconds (self +
+              workers), which a loaded machine skews less. Run twice: filters and dedup off
               (what the pipeline itself costs) and with the defaults (quality rules + exact
               dedup), with how much the rules removed.
   minhash     MinHash signatures + LSH queries/inserts over --mb MB in one process
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -92,29 +94,40 @@ def tokenizer(vocab: int):
 
 
 # -- the three measurements -------------------------------------------------------------------
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pools' workers, once joined)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def bench_throughput(mb: int, workers: int, vocab: int) -> dict:
+    """Wall-clock MB/s side by side, plus CPU seconds per MB, which a loaded machine skews less."""
     from scratchlm.data.shards import prepare_dataset
 
     path = corpus(mb)
     tok = tokenizer(vocab)
     texts = read_texts(path)
     text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     tok.encode_batch(texts, workers=workers)
-    peer_s = time.perf_counter() - t0
+    peer_s, peer_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     del texts
     results = {"mb": round(text_mb, 1), "workers": workers, "vocab": vocab,
-               "encode_batch_mb_s": round(text_mb / peer_s, 3)}
+               "encode_batch_mb_s": round(text_mb / peer_s, 3),
+               "encode_batch_cpu_s_per_mb": round(peer_cpu / text_mb, 3)}
     for label, kwargs in (("plain", {"filters": "none", "dedup": "none"}),
                           ("default", {"filters": "default", "dedup": "exact"})):
         out = BENCH / f"out_{label}"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         ds = prepare_dataset(path, tok, out, workers=workers, progress=False, force=True,
                              **kwargs)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         kept = ds.index["stats"]["kept"]["bytes"] / 1e6
         results[label] = {"seconds": round(seconds, 2), "mb_s": round(text_mb / seconds, 3),
                           "ratio_vs_encode_batch": round(peer_s / seconds, 3),
+                          "cpu_s_per_mb": round(cpu / text_mb, 3),
+                          "cpu_ratio_vs_encode_batch": round(peer_cpu / cpu, 3),
                           "kept_mb": round(kept, 1),
                           "tokens": sum(ds.num_tokens(s) for s in ("train", "val"))}
     return results
@@ -214,7 +227,8 @@ def main() -> None:
               f"{r['encode_batch_mb_s']} MB/s; prepare (no filters/dedup) {r['plain']['mb_s']} "
               f"MB/s = {r['plain']['ratio_vs_encode_batch']}x; prepare (defaults) "
               f"{r['default']['mb_s']} MB/s = {r['default']['ratio_vs_encode_batch']}x "
-              f"(target >= 0.8x)", flush=True)
+              f"(target >= 0.8x); by CPU time: {r['plain']['cpu_ratio_vs_encode_batch']}x / "
+              f"{r['default']['cpu_ratio_vs_encode_batch']}x", flush=True)
     if "minhash" in only:
         report["minhash"] = r = bench_minhash(mb)
         print(f"minhash     {r['mb']} MB in {r['seconds']} s = {r['mb_s']} MB/s, "
