@@ -270,3 +270,13 @@ def test_nan_losses_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(TrainingDiverged, match="NaN/Inf for 3 steps in a row"):
         train(toy_config(max_bad_steps=3), model, ToyTask(nan_batches={2, 3, 4}), tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_every_precision_trains(tmp_path, dtype):
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.zero_()  # loss 9 at the start
+    logged = []
+    train(toy_config(dtype=dtype, max_steps=8), model, ToyTask(), tmp_path, on_step=logged.append)
+    assert logged[-1]["loss"] < logged[0]["loss"] / 2
