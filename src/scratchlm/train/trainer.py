@@ -400,23 +400,9 @@ def train(
                     runner, task, accum, device, dtype, scaler, strategy
                 )
                 loss_value = strategy.mean(loss_sum / accum)
-                finite = math.isfinite(loss_value)
-                grad_norm = float("nan")
-                if finite:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    grad_norm = float(strategy.clip_grad_norm(params, cfg.grad_clip))
-                    finite = math.isfinite(grad_norm) or scaler is not None
-                if finite:
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    bad_steps = 0
-                else:
-                    bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
+                finite, grad_norm = _apply_update(optimizer, scaler, strategy, params, cfg.grad_clip,
+                                                  loss_value)
+                bad_steps = 0 if finite else bad_steps + 1
                 progress.step += 1
                 progress.tokens += n_tokens
                 window["tokens"] += n_tokens
@@ -424,21 +410,13 @@ def train(
                 if bar is not None:
                     bar.update(1)
                 if not finite:
-                    _warn(f"step {progress.step}: loss {loss_value} / grad norm {grad_norm} not finite; "
-                          f"step skipped ({bad_steps} in a row)")
-                    if bad_steps >= cfg.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"loss or gradients were NaN/Inf for {bad_steps} steps in a row "
-                            f"(up to step {progress.step}); stopping without saving. Try a lower "
-                            f"train.lr, train.dtype=fp32 or bf16, or a smaller train.grad_clip"
-                        )
-                    continue
-                result.last_loss = loss_value
+                    _report_bad_step(progress.step, loss_value, grad_norm, bad_steps, cfg.max_bad_steps)
+                else:
+                    result.last_loss = loss_value
 
                 is_last = progress.step >= cfg.max_steps
-                do_eval = cfg.eval_every > 0 and progress.step % cfg.eval_every == 0
-                if do_eval or is_last or progress.step % max(1, cfg.log_every) == 0:
-                    elapsed = progress.elapsed_s + time.perf_counter() - session_start
+                do_eval = finite and cfg.eval_every > 0 and progress.step % cfg.eval_every == 0
+                if finite and (do_eval or is_last or progress.step % max(1, cfg.log_every) == 0):
                     tok_s = window["tokens"] / max(window["train_s"], 1e-9)
                     record = {
                         "step": progress.step,
@@ -448,8 +426,8 @@ def train(
                         "grad_norm": grad_norm,
                         "tokens_per_sec": tok_s,
                         "mfu": tok_s * flops_per_token / peak if flops_per_token else None,
-                        "elapsed_s": round(elapsed, 3),
-                        **{k: v for k, v in task_metrics.items() if k not in ("loss",)},
+                        "elapsed_s": round(progress.elapsed_s + time.perf_counter() - session_start, 3),
+                        **{k: v for k, v in task_metrics.items() if k != "loss"},
                     }
                     if do_eval or is_last:
                         result.last_eval = _evaluate(wrapped, model, task, device, dtype)
@@ -480,6 +458,37 @@ def train(
         metrics.close()
     result.step, result.tokens = progress.step, progress.tokens
     return result
+
+
+def _apply_update(optimizer, scaler, strategy, params, grad_clip: float, loss_value: float):
+    """Clip and step unless the loss or the gradients are not finite; returns (stepped, norm)."""
+    grad_norm = float("nan")
+    finite = math.isfinite(loss_value)
+    if finite:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = float(strategy.clip_grad_norm(params, grad_clip))
+        # with fp16 the scaler skips steps with inf gradients itself (and lowers its scale)
+        finite = math.isfinite(grad_norm) or scaler is not None
+    if finite:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm
+
+
+def _report_bad_step(step: int, loss_value: float, grad_norm: float, bad_steps: int, limit: int) -> None:
+    _warn(f"step {step}: loss {loss_value} / grad norm {grad_norm} not finite; "
+          f"step skipped ({bad_steps} in a row)")
+    if bad_steps >= limit:
+        raise TrainingDiverged(
+            f"loss or gradients were NaN/Inf for {bad_steps} steps in a row (up to step {step}); "
+            "stopping without saving. Try a lower train.lr, train.dtype=fp32 or bf16, or a "
+            "smaller train.grad_clip"
+        )
 
 
 def _accumulate(runner, task, accum: int, device, dtype, scaler, strategy):
