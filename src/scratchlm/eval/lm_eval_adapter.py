@@ -24,12 +24,13 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from scratchlm.errors import UserError
 from scratchlm.eval.bpb import rolling_requests
-from scratchlm.eval.scoring import DEFAULT_BATCH_SIZE, as_scoring_model, score_requests
+from scratchlm.eval.scoring import DEFAULT_BATCH_SIZE, TruncationWarning, as_scoring_model, score_requests
 from scratchlm.eval.tasks import (
     DEFAULT_SEED,
     PairEncoder,
@@ -89,6 +90,7 @@ class ScratchLM(LM):
         device: str | None = None,
         max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
         stride: int | str | None = None,
+        progress: bool = True,
         **_ignored: Any,
     ) -> None:
         require_lm_eval()
@@ -108,6 +110,7 @@ class ScratchLM(LM):
         self.encoder = PairEncoder(tokenizer)
         self.max_gen_toks = int(max_gen_toks)
         self.stride = int(stride) if stride not in (None, "") else None
+        self.progress = progress
 
     # lm_eval asks these of some models
     @property
@@ -125,7 +128,7 @@ class ScratchLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum log P(continuation | context), greedy?) for each (context, continuation)."""
         pairs = [self.encoder.encode_pair(*req.args[:2]) for req in requests]
-        with _bar(len(pairs), "loglikelihood", disable_tqdm) as bar:
+        with _bar(len(pairs), "loglikelihood", disable_tqdm or not self.progress) as bar:
             scores = score_requests(self.scorer, pairs, progress=bar.update, warn_truncation="requests")
         return [(s.logprob, s.is_greedy) for s in scores]
 
@@ -137,7 +140,7 @@ class ScratchLM(LM):
             for window in rolling_requests(tokens, self.tokenizer.eot_id, self.scorer.max_seq_len, self.stride):
                 windows.append(window)
                 owner.append(i)
-        with _bar(len(windows), "loglikelihood_rolling", disable_tqdm) as bar:
+        with _bar(len(windows), "loglikelihood_rolling", disable_tqdm or not self.progress) as bar:
             scores = score_requests(self.scorer, windows, progress=bar.update, warn_truncation=None)
         totals = [0.0] * len(requests)
         for i, score in zip(owner, scores):
@@ -154,7 +157,7 @@ class ScratchLM(LM):
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             groups.setdefault((until, max_new), []).append(i)
         outputs: list[str] = [""] * len(requests)
-        with _bar(len(requests), "generate_until", disable_tqdm) as bar:
+        with _bar(len(requests), "generate_until", disable_tqdm or not self.progress) as bar:
             for (until, max_new), members in groups.items():
                 prompts = [self.encoder.encode_context(requests[i].args[0]) for i in members]
                 texts = generate_texts(self.scorer, self.tokenizer, prompts, until, max_new)
@@ -371,8 +374,10 @@ def compare_with_harness(
         ours = evaluate_suite_results(model, tokenizer, tasks_dir, labels, limit, num_fewshot, seed, progress)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         names = write_harness_tasks(tasks_dir, tmp, labels, limit, num_fewshot, seed, bpb_texts)
-        lm = ScratchLM(model=model, tokenizer=tokenizer)
-        theirs = run_harness(lm, Path(tmp), names)
+        lm = ScratchLM(model=model, tokenizer=tokenizer, progress=progress)
+        with warnings.catch_warnings():  # our own run has already said what was truncated
+            warnings.simplefilter("ignore", TruncationWarning)
+            theirs = run_harness(lm, Path(tmp), names)
     table: dict[str, Any] = {}
     max_diff = 0.0
     for label, result in ours.items():

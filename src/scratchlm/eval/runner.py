@@ -48,7 +48,7 @@ def evaluate(
             from scratchlm.eval.lm_eval_adapter import compare_with_harness
 
             results["harness"] = compare_with_harness(
-                model, tokenizer, tasks_dir, labels, limit, num_fewshot, seed, ours=task_results
+                model, tokenizer, tasks_dir, labels, limit, num_fewshot, seed, progress=progress, ours=task_results
             )
     if bpb_source is not None:
         from scratchlm.eval.bpb import bits_per_byte
