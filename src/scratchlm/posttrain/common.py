@@ -7,7 +7,6 @@ Not for the losses (sft.py, dpo.py) or the training loop (scratchlm.train.traine
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
