@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from collections import Counter
 
@@ -110,7 +111,19 @@ def test_add_special_tokens_appends_ids(tok, tmp_path):
 def test_encode_batch_matches_encode_in_workers(tok, text, monkeypatch):
     monkeypatch.setattr(parallel, "SERIAL_BELOW_CHARS", 0)  # force worker processes
     docs = [text[i : i + 5000] for i in range(0, 200_000, 5000)] + TRICKY
-    assert tok.encode_batch(docs, workers=2) == [tok.encode(d) for d in docs]
+    t = pickle.loads(pickle.dumps(tok))  # a copy of its own, so the pool is this test's
+    assert t.fingerprint == tok.fingerprint
+    try:
+        assert t.encode_batch(docs, workers=2) == [tok.encode(d) for d in docs]
+        pool = t._worker_pool[2]
+        assert t.encode_batch(docs[:3], workers=2) == [tok.encode(d) for d in docs[:3]]
+        assert t._worker_pool[2] is pool  # reused, caches warm
+        new_id = t.add_special_tokens(["<|sep|>"])[0]
+        marked = [d + "<|sep|>" for d in docs]
+        assert [ids[-1] for ids in t.encode_batch(marked, allowed_special="all", workers=2)] == \
+            [new_id] * len(docs)  # the workers know the new special token
+    finally:
+        parallel.close_pool(t)
 
 
 def test_long_run_of_one_character_is_encoded_without_blowing_up(tok):

@@ -53,6 +53,7 @@ class BPETokenizer:
         self._fast_mode = fast_mode(self.pattern) if self._encoder._native is not None else 0
         self._special_re_cache: dict[frozenset, regex.Pattern] = {}
         self._fingerprint: str | None = None
+        self._worker_pool = None  # (workers, fingerprint, pool) of encode_batch, see parallel.py
 
     # ------------------------------------------------------------------ training
 
@@ -213,28 +214,9 @@ class BPETokenizer:
 
     @classmethod
     def from_json(cls, data, where: str = "tokenizer.json") -> "BPETokenizer":
-        if not isinstance(data, dict) or data.get("type") != "bpe":
-            raise UserError(f"{where}: not a BPE tokenizer (field 'type' must be \"bpe\")")
-        if data.get("version") != FORMAT_VERSION:
-            raise UserError(f"{where}: unsupported field 'version' {data.get('version')!r}")
-        vocab_json = data.get("vocab")
-        if not isinstance(vocab_json, list) or not all(isinstance(t, str) for t in vocab_json):
-            raise UserError(f"{where}: field 'vocab' must be a list of strings")
-        vocab = [formats.text_to_bytes(t, f"{where}: vocab[{i}]") for i, t in enumerate(vocab_json)]
-        pattern = data.get("pattern")
-        if not isinstance(pattern, str):
-            raise UserError(f"{where}: field 'pattern' must be a string")
-        specials = data.get("special_tokens", {})
-        if not isinstance(specials, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) for k, v in specials.items()):
-            raise UserError(f"{where}: field 'special_tokens' must map strings to int ids")
-        merges = data.get("merges", [])
-        if not isinstance(merges, list) or not all(
-                isinstance(m, list) and len(m) == 3 and all(isinstance(x, int) for x in m)
-                for m in merges):
-            raise UserError(f"{where}: field 'merges' must be a list of [left, right, id]")
+        parts = _parts_from_json(data, where)
         try:
-            return cls(vocab, pattern, specials, merges)
+            return cls(*parts)
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
 
@@ -261,9 +243,41 @@ class BPETokenizer:
         if any(not s for s in self.special_tokens):
             raise ValueError("field 'special_tokens' has an empty token")
 
+    def __getstate__(self) -> dict:
+        # Pickle as the JSON form: the C encoder and the worker pool cannot cross processes.
+        return self.to_json()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*_parts_from_json(state, "pickled tokenizer"))
+
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, pattern={self.pattern!r}, "
                 f"special_tokens={len(self.special_tokens)})")
+
+
+def _parts_from_json(data, where: str) -> tuple:
+    """(vocab, pattern, special_tokens, merges) from tokenizer.json content, checked field by field."""
+    if not isinstance(data, dict) or data.get("type") != "bpe":
+        raise UserError(f"{where}: not a BPE tokenizer (field 'type' must be \"bpe\")")
+    if data.get("version") != FORMAT_VERSION:
+        raise UserError(f"{where}: unsupported field 'version' {data.get('version')!r}")
+    vocab_json = data.get("vocab")
+    if not isinstance(vocab_json, list) or not all(isinstance(t, str) for t in vocab_json):
+        raise UserError(f"{where}: field 'vocab' must be a list of strings")
+    vocab = [formats.text_to_bytes(t, f"{where}: vocab[{i}]") for i, t in enumerate(vocab_json)]
+    pattern = data.get("pattern")
+    if not isinstance(pattern, str):
+        raise UserError(f"{where}: field 'pattern' must be a string")
+    specials = data.get("special_tokens", {})
+    if not isinstance(specials, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) for k, v in specials.items()):
+        raise UserError(f"{where}: field 'special_tokens' must map strings to int ids")
+    merges = data.get("merges", [])
+    if not isinstance(merges, list) or not all(
+            isinstance(m, list) and len(m) == 3 and all(isinstance(x, int) for x in m)
+            for m in merges):
+        raise UserError(f"{where}: field 'merges' must be a list of [left, right, id]")
+    return vocab, pattern, specials, merges
 
 
 def _tokenizer_path(directory: str | os.PathLike) -> Path:
