@@ -174,12 +174,11 @@ def _check_prose(text: str, c: FilterConfig) -> str | None:
     if c.min_stop_words is not None and len(STOP_WORDS.intersection(words)) < c.min_stop_words:
         return "min_stop_words"
     if c.min_alpha_words is not None:
-        # Words made only of letters certainly contain one: count the rest with the slower
-        # exact regex only when those alone do not settle it.
-        if sum(map(str.isalpha, words)) / n_words < c.min_alpha_words:
-            without_letters = len(_NO_LETTER_WORD.findall(text))
-            if 1 - without_letters / n_words < c.min_alpha_words:
-                return "min_alpha_words"
+        # One regex pass counts the words with no letter at all (punctuation, numbers); a
+        # str.isalpha shortcut fails on most prose (trailing commas and full stops).
+        without_letters = len(_NO_LETTER_WORD.findall(text))
+        if 1 - without_letters / n_words < c.min_alpha_words:
+            return "min_alpha_words"
     if c.reject_phrases and any(phrase in lowered for phrase in c.reject_phrases):
         return "reject_phrases"
     return _check_lines(text, c) or _check_ngrams(words, word_chars, c)
