@@ -272,6 +272,9 @@ def test_mixture_follows_weights_and_records_contributions(tmp_path, tokenizer, 
     assert share == pytest.approx(0.7, abs=0.02)
     assert sum(s["tokens"] for s in sources) == ds.num_tokens("train")
     assert sum(s["docs_kept"] for s in sources) == ds.num_docs("train")
+    from scratchlm.data.report import summary_table
+
+    assert f"not read to the end: {a}" in summary_table(ds.index)
     with pytest.raises(UserError, match="one per input"):
         prepare([a, b], tokenizer, tmp_path / "bad", weights=[1])
 

@@ -54,6 +54,11 @@ def summary_table(index: dict) -> str:
             (f"{s['spec']} ({_weight(s['weight'])})", str(s["docs_kept"]), f"{s['tokens']:,}")
             for s in sources]))
     notes = []
+    if any(src.get("weight") is not None for src in sources):
+        unread = [src["spec"] for src in sources if not src["exhausted"] and src["weight"]]
+        if unread:
+            notes.append("mixture stopped when a source ran out (to keep the weights); not read "
+                         f"to the end: {', '.join(unread)}")
     for key, label in (("malformed_lines", "malformed lines skipped"),
                        ("invalid_utf8_docs", "documents with invalid UTF-8 (replaced)"),
                        ("empty_docs", "empty documents")):
