@@ -25,6 +25,9 @@
  *
  * Not for anything about files or special tokens; see the Python modules.
  */
+/* Bumped whenever the interface changes; merging.py ignores a stale build that differs. */
+#define FASTBPE_VERSION 2
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -926,6 +929,10 @@ PyMODINIT_FUNC PyInit__fastbpe(void) {
     if (PyType_Ready(&EncoderType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    if (PyModule_AddIntConstant(m, "VERSION", FASTBPE_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&EncoderType);
     if (PyModule_AddObject(m, "Encoder", (PyObject *)&EncoderType) < 0) {
         Py_DECREF(&EncoderType);

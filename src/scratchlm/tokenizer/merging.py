@@ -26,10 +26,7 @@ import heapq
 from collections import defaultdict
 from typing import Callable, Sequence
 
-try:  # the C extension is optional: built by setup.py, absent in a plain source checkout
-    from scratchlm.tokenizer import _fastbpe
-except ImportError:  # pragma: no cover - exercised when the extension is not built
-    _fastbpe = None
+from scratchlm.tokenizer.patterns import _fastbpe  # the optional C extension, or None
 
 # Chunks up to this many bytes are merged by rescanning all pairs each step (fast for the
 # short chunks text is made of); longer ones switch to the heap.

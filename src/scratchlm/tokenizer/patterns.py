@@ -23,9 +23,14 @@ import regex
 
 from scratchlm.errors import UserError
 
-try:  # optional C extension (see merging.py)
+FASTBPE_VERSION = 2  # the interface version of _fastbpe.c this code expects
+
+try:  # the optional C extension (see merging.py), built by setup.py; pure Python without it
     from scratchlm.tokenizer import _fastbpe
-except ImportError:  # pragma: no cover
+
+    if getattr(_fastbpe, "VERSION", None) != FASTBPE_VERSION:  # a stale build: do not trust it
+        _fastbpe = None
+except ImportError:  # pragma: no cover - exercised when the extension is not built
     _fastbpe = None
 
 GPT2_PATTERN = (
