@@ -133,6 +133,15 @@ def test_codes_use_the_full_range_and_storage_dtypes():
     assert q4.qweight.numel() * 2 == w.numel()
 
 
+def test_group_size_falls_back_to_a_divisor_of_the_input_size():
+    from scratchlm.model.quant import group_for
+
+    assert group_for(352, 4, 64, "down_proj") == 32  # SwiGLU hidden size 352 = 11 * 32
+    assert group_for(256, 4, 64, "q_proj") == 64 and group_for(256, 8, 64, "q_proj") is None
+    with pytest.raises(UserError, match="even"):
+        group_for(256, 4, 7, "q_proj")
+
+
 def test_bad_group_size_is_a_user_error():
     with pytest.raises(UserError, match="group size"):
         quantize_weight(torch.randn(4, 96), 4, 64)

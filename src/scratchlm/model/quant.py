@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -157,6 +157,25 @@ def dequantize(
     if offset is not None:
         w = w + offset.to(dtype)[..., None]
     return w.reshape(*rows, cols)
+
+
+def group_for(cols: int, bits: int, group_size: int | None, name: str) -> int | None:
+    """The INT4 group size for a matrix with `cols` inputs: `group_size`, or where that does not
+    divide `cols` (SwiGLU hidden sizes are multiples of 32), the first of G/2, G/4, ... that does,
+    else the largest even divisor below G."""
+    if bits == 8 or group_size is None:
+        return None
+    if group_size <= 0 or group_size % 2:
+        raise UserError(f"--group-size must be a positive even number, got {group_size}")
+    g = group_size
+    while g % 2 == 0 and g >= 2:
+        if cols % g == 0:
+            return g
+        g //= 2
+    for g in range(min(group_size, cols), 1, -1):
+        if g % 2 == 0 and cols % g == 0:
+            return g
+    raise UserError(f"{name}: input size {cols} has no even divisor to use as an INT4 group size")
 
 
 def _check_group(bits: int, group_size: int | None, cols: int, name: str) -> int:
@@ -360,24 +379,29 @@ def quantize_model(
     head_bits = _resolve_bits(head_bits, bits, "--head-bits")
     if method == "gptq" and calibration is None:
         raise UserError("GPTQ needs calibration data: pass --calibration DATASET_DIR")
-    group_of = lambda b: None if b == 8 else group_size  # noqa: E731
     tied = _is_tied(model)
 
-    plan: dict[str, int] = {name: bits for name in _block_linears(model)}
-    if head_bits is not None and not tied and isinstance(getattr(model, HEAD_NAME, None), nn.Linear):
-        plan[HEAD_NAME] = head_bits
+    # name -> (bits, group size for that matrix's input size)
+    plan: dict[str, tuple[int, int | None]] = {}
+    for name in _block_linears(model):
+        plan[name] = (bits, group_for(model.get_submodule(name).in_features, bits, group_size, name))
+    head = getattr(model, HEAD_NAME, None)
+    if head_bits is not None and not tied and isinstance(head, nn.Linear):
+        plan[HEAD_NAME] = (head_bits, group_for(head.in_features, head_bits, group_size, HEAD_NAME))
 
     if method == "gptq":
-        _gptq_model(model, plan, group_of, calibration, batch_size, progress)
+        _gptq_model(model, plan, calibration, batch_size, progress)
     else:
-        for name, b in _progress(list(plan.items()), progress, "quantize (rtn)"):
+        for name, (b, g) in _progress(list(plan.items()), progress, "quantize (rtn)"):
             linear = model.get_submodule(name)
-            qw = quantize_weight(linear.weight.data, b, group_of(b))
-            _set_module(model, name, QuantLinear.from_linear(linear, qw, group_of(b)))
+            qw = quantize_weight(linear.weight.data, b, g)
+            _set_module(model, name, QuantLinear.from_linear(linear, qw, g))
 
-    modules = {name: {"bits": b, "group_size": group_of(b)} for name, b in plan.items()}
-    if embed_bits is not None and isinstance(getattr(model, EMBEDDING_NAME, None), nn.Embedding):
-        modules.update(_quantize_embedding(model, embed_bits, group_of(embed_bits), tied))
+    modules = {name: {"bits": b, "group_size": g} for name, (b, g) in plan.items()}
+    emb = getattr(model, EMBEDDING_NAME, None)
+    if embed_bits is not None and isinstance(emb, nn.Embedding):
+        g = group_for(emb.embedding_dim, embed_bits, group_size, EMBEDDING_NAME)
+        modules.update(_quantize_embedding(model, embed_bits, g, tied))
     uses_groups = any(m.get("bits") == 4 for m in modules.values())
     return {
         "format": FORMAT,
@@ -530,7 +554,7 @@ class _StopForward(Exception):
     """Raised by a hook to end a calibration forward once the layer of interest has run."""
 
 
-def _gptq_model(model, plan: dict[str, int], group_of: Callable, calibration, batch_size, progress) -> None:
+def _gptq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batch_size, progress) -> None:
     """Quantize the planned linears block by block, each calibrated on the quantized prefix."""
     layers = getattr(model, "layers", None)
     stages: list[tuple[nn.Module | None, list[str]]] = []
@@ -551,9 +575,9 @@ def _gptq_model(model, plan: dict[str, int], group_of: Callable, calibration, ba
         hessians = _collect_hessians(model, names, stop_at, calibration, batch_size, device)
         for name in names:
             linear = model.get_submodule(name)
-            b = plan[name]
-            qw = gptq_quantize_weight(linear.weight.data, hessians[name], b, group_of(b))
-            _set_module(model, name, QuantLinear.from_linear(linear, qw, group_of(b)))
+            b, g = plan[name]
+            qw = gptq_quantize_weight(linear.weight.data, hessians[name], b, g)
+            _set_module(model, name, QuantLinear.from_linear(linear, qw, g))
     model.train(was_training)
 
 
