@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--skip-no-cache", action="store_true")
+    parser.add_argument("--skip-speculative", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -134,32 +135,34 @@ def main() -> None:
                 assert out_nc == out_ours, "no-cache output differs from the cached path"
                 report(f"{dtype_name} batch 1: scratchlm no cache", n / t_nc, t_hf / t_nc,
                        f"cache is {t_nc / t_ours:.1f}x faster")
-            if batch == 1 and dtype == torch.float32:
-                print(speculative_line(model, prompts[0], args.new_tokens, t_ours, out_ours[0]), flush=True)
+            if batch == 1 and dtype == torch.float32 and not args.skip_speculative:
+                print(speculative_lines(model, prompts[0], args.new_tokens, args.repeats), flush=True)
 
 
 def report(name: str, tokens_per_s: float, ratio: float, note: str) -> None:
     print(f"{name:36s} {tokens_per_s:10.1f} {ratio:15.2f}x  {note}", flush=True)
 
 
-def speculative_line(target, prompt, new_tokens, t_plain, expected) -> str:
+def speculative_lines(target, prompt, new_tokens, repeats) -> str:
+    """Plain cached greedy vs speculative decoding with two drafts, measured interleaved."""
     from scratchlm.infer.generate import speculative_generate
 
-    draft = build_model(0, n_layer=2)
-    with torch.no_grad():  # share embeddings/head/first layers: a draft that sometimes agrees
-        for name, p in draft.state_dict().items():
+    shallow = build_model(0, n_layer=2)
+    with torch.no_grad():  # the target's embeddings, first two layers and head
+        for name, p in shallow.state_dict().items():
             p.copy_(target.state_dict()[name])
-    t_spec, (out, stats) = best_time(
-        lambda: speculative_generate(target, draft, prompt, max_new_tokens=new_tokens, num_draft=4), 1)
-    assert out == expected, "speculative output differs from plain greedy"
-    line = (f"speculative (2-layer draft = target's first layers, k=4): acceptance "
-            f"{stats.acceptance_rate:.0%}, {t_plain / t_spec:.2f}x vs plain cached greedy")
-    draft = build_model(0).to(torch.bfloat16).eval()  # the target itself in bf16: cheaper, mostly agrees
-    t_spec, (out, stats) = best_time(
-        lambda: speculative_generate(target, draft, prompt, max_new_tokens=new_tokens, num_draft=4), 1)
-    assert out == expected, "speculative output differs from plain greedy"
-    return line + (f"\nspeculative (draft = target in bf16, k=4): acceptance {stats.acceptance_rate:.0%}, "
-                   f"{t_plain / t_spec:.2f}x vs plain cached greedy")
+    half = build_model(0).to(torch.bfloat16).eval()  # the target itself in bf16
+    runs = best_times_interleaved([
+        lambda: ours(target, [prompt], new_tokens)[0],
+        lambda: speculative_generate(target, shallow, prompt, max_new_tokens=new_tokens, num_draft=4),
+        lambda: speculative_generate(target, half, prompt, max_new_tokens=new_tokens, num_draft=4),
+    ], repeats)
+    (t_plain, expected), lines = runs[0], []
+    for (t_spec, (out, stats)), name in zip(runs[1:], ["2-layer draft (target's first layers)", "draft = target in bf16"]):
+        assert out == expected, "speculative output differs from plain greedy"
+        lines.append(f"speculative, {name}, k=4: acceptance {stats.acceptance_rate:.0%}, "
+                     f"{t_plain / t_spec:.2f}x vs plain cached greedy ({len(expected) / t_spec:.1f} tokens/s)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
