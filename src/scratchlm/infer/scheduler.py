@@ -339,7 +339,10 @@ class Scheduler:
         self._pad = self._pad[idx]
         self._next_input = self._next_input[idx]
         if keep:
-            gen.select_cache_rows(self._cache, idx)
+            # like generate.select_cache_rows, but only the slots in use: the rest is stale
+            L = self._cache.length
+            for buf in self._cache.keys + self._cache.values:
+                buf[: len(keep), :, :L] = buf[idx, :, :L]
             self._sampler.select_rows(idx)
         else:
             self._sampler = None
