@@ -233,6 +233,14 @@ def test_transformer_scores_independent_of_batch():
     alone = [score_requests(as_scoring_model(model, batch_size=1), [r])[0].logprob for r in requests]
     batched = [s.logprob for s in score_requests(as_scoring_model(model, batch_size=6), requests)]
     assert batched == pytest.approx(alone, abs=1e-4)
+    # Oracle: one plain forward pass per request (the scorer runs the head on scored positions only).
+    with torch.no_grad():
+        for r, got in zip(requests, alone):
+            tokens = list(r.context) + list(r.continuation)
+            logp = model(torch.tensor([tokens[:-1]]))[0].double().log_softmax(-1)
+            n = len(r.continuation)
+            expected = sum(float(logp[p, tokens[p + 1]]) for p in range(len(tokens) - 1 - n, len(tokens) - 1))
+            assert got == pytest.approx(expected, abs=1e-4)
 
 
 def test_batched_kv_generation_equals_plain_greedy():

@@ -6,13 +6,15 @@ variant of it, or a hand-built test model alike (`ScoringModel`). It scores many
 (context, continuation) requests per forward pass: requests are sorted by length and
 right-padded, which is exact for a causal model because a position never attends to the padding
 after it. Inputs longer than the window are truncated from the left, and the caller is told once.
-It also holds a plain greedy decoder (no KV cache) for generation tasks.
+It also holds greedy decoding for generation tasks: batched with a KV cache (through
+`scratchlm.infer.generate`) for scratchlm Transformers, a plain loop for any other model.
 Not for prompt formatting or metrics (see `scratchlm.eval.tasks`, `scratchlm.eval.bpb`) nor for
-fast sampling-based generation (see `scratchlm.infer`).
+sampling-based generation (see `scratchlm.infer`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -43,13 +45,39 @@ class ScoringModel:
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         return self.forward(idx.to(self.device)).float()
 
+    @torch.inference_mode()
+    def selected_logits(self, idx: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, V]` at (rows[i], positions[i]) only.
+
+        For a scratchlm Transformer the output head runs on just those positions (a forward
+        pre-hook on its `lm_head` selects them): with a large vocabulary the head is a good part
+        of the work and of the memory, and scoring needs only the continuation's positions.
+        """
+        head = _output_head(self.forward)
+        if head is None:
+            return self.logits(idx)[rows.to(self.device), positions.to(self.device)]
+        r, p = rows.to(self.device), positions.to(self.device)
+        handle = head.register_forward_pre_hook(lambda module, args: (args[0][r, p], *args[1:]))
+        try:
+            return self.forward(idx.to(self.device)).float()
+        finally:
+            handle.remove()
+
+
+def _output_head(model) -> torch.nn.Module | None:
+    """The `lm_head` module of a scratchlm Transformer (whose forward ends in it), else None."""
+    try:
+        from scratchlm.model.transformer import Transformer
+    except ImportError:
+        return None
+    head = getattr(model, "lm_head", None) if isinstance(model, Transformer) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
 
 def as_scoring_model(model, max_seq_len: int | None = None, batch_size: int | None = None) -> ScoringModel:
     """Wrap a Transformer (or anything callable with `config.max_seq_len` / `max_seq_len`)."""
     if isinstance(model, ScoringModel):
-        if batch_size is not None:
-            model.batch_size = batch_size
-        return model
+        return model if batch_size is None else dataclasses.replace(model, batch_size=batch_size)
     if max_seq_len is None:
         config = getattr(model, "config", None)
         max_seq_len = getattr(config, "max_seq_len", None) or getattr(model, "max_seq_len", None)
@@ -160,9 +188,8 @@ def _score_batch(model: ScoringModel, windows: list[tuple[list[int], int, bool]]
         idx[row, :n] = torch.tensor(tokens[:-1], dtype=torch.long)
         targets[row, :n] = torch.tensor(tokens[1:], dtype=torch.long)
         scored[row, n - n_score : n] = True  # logits at position p predict tokens[p + 1]
-    logits = model.logits(idx)
     rows, positions = scored.nonzero(as_tuple=True)
-    picked_logits = logits[rows.to(logits.device), positions.to(logits.device)].cpu()  # [N, V]
+    picked_logits = model.selected_logits(idx, rows, positions).cpu()  # [N, V]
     picked_targets = targets[rows, positions]
     logprobs = torch.log_softmax(picked_logits, dim=-1).gather(1, picked_targets[:, None]).squeeze(1)
     missed = (picked_logits.argmax(dim=-1) != picked_targets).double()
