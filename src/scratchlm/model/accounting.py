@@ -117,11 +117,14 @@ def mfu(cfg: ModelConfig, tokens_per_sec: float, peak_flops: float, seq_len: int
 
 
 def peak_flops(name: str) -> float:
-    """A stated peak by device name (e.g. "h100"), or a number of FLOP/s given as a string."""
+    """A stated peak by device name (e.g. "h100"), a number of FLOP/s given as a string, or
+    "cpu" / "cpu-fp32": this machine's measured bf16 / fp32 matmul rate (takes about a second)."""
     try:
         return float(name)
     except ValueError:
         pass
+    if name.lower() in ("cpu", "cpu-bf16", "cpu-fp32"):
+        return measure_peak_flops("fp32" if name.lower() == "cpu-fp32" else "bf16")
     try:
         return PEAK_FLOPS[name.lower()]
     except KeyError:

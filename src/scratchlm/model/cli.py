@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     info.add_argument("--compute-dtype", default="bf16", help="autocast dtype of activations (default bf16)")
     info.add_argument("--optimizer", default="adamw", choices=["adamw", "muon", "sgd"])
     info.add_argument("--peak-flops", default=None, metavar="DEVICE|FLOPS",
-                      help="state a peak (e.g. h100 or 989e12) to show tokens/s at 50%% MFU")
+                      help="state a peak (h100, 989e12, or cpu to measure this machine's bf16 "
+                      "matmul rate) to show tokens/s at 50%% MFU")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.set_defaults(func=run_info)
     model.set_defaults(func=lambda args: model.print_help())
