@@ -101,6 +101,14 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _close_tokenizer_pool(tok) -> None:
+    try:
+        from scratchlm.tokenizer.parallel import close_pool
+    except ImportError:
+        return
+    close_pool(tok)
+
+
 def bench_throughput(mb: int, workers: int, vocab: int) -> dict:
     """Wall-clock MB/s side by side, plus CPU seconds per MB, which a loaded machine skews less."""
     from scratchlm.data.shards import prepare_dataset
@@ -111,6 +119,7 @@ def bench_throughput(mb: int, workers: int, vocab: int) -> dict:
     text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     t0, c0 = time.perf_counter(), _cpu_seconds()
     tok.encode_batch(texts, workers=workers)
+    _close_tokenizer_pool(tok)  # its pool is persistent: reap the workers so their CPU counts
     peer_s, peer_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     del texts
     results = {"mb": round(text_mb, 1), "workers": workers, "vocab": vocab,
