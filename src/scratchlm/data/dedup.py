@@ -18,7 +18,8 @@ and a candidate is a duplicate when the fraction of agreeing signature values re
 
 A document with 5% of its words changed at random keeps about 0.95^5 = 77% of its 5-grams,
 s ~ 0.77 / 1.23 = 0.63, found with probability ~0.99; unrelated prose has s < 0.05. Memory: the
-index keeps, per kept document, one signature (128 x 4 bytes) and `bands` dictionary entries.
+index keeps, per kept document, one signature (128 x 4 bytes) and `bands` dictionary entries
+(about 2.7 KB in all with the defaults).
 Not for deciding what to keep when (that is the pipeline's job: the first copy wins).
 """
 
