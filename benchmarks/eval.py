@@ -15,9 +15,12 @@ arc_easy, 3-shot as tasks.json says, the first N examples). Measured:
   puts no EOT before contexts, so its accuracies may differ slightly: the speed is compared.)
 
 Batched and one-at-a-time accuracies are checked to be identical before timings are printed.
+`--head-check` instead times only the output-head shortcut on a 32k-vocabulary model of the same
+shape (32 random requests of 300 context + 5 continuation tokens), scores checked identical.
 
     python benchmarks/eval.py [--tasks-dir ../shared/eval] [--task arc_easy] [--limit 40]
                               [--batch-size 32] [--threads 2] [--repeats 2] [--no-peer]
+    python benchmarks/eval.py --head-check
 
 Not a test: it prints examples/s and ratios; docs/benchmarks.md records results.
 """
@@ -92,6 +95,27 @@ def peer(hf_dir: Path, task_dir: Path, name: str, batch_size: int):
     return run
 
 
+def head_check(repeats: int) -> None:
+    """Scored-positions head vs full logits, on random requests to a 32k-vocabulary model."""
+    from scratchlm.eval.scoring import Request, ScoringModel, as_scoring_model, score_requests
+    from scratchlm.model.config import model_config
+    from scratchlm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    vocab = 32768
+    model = Transformer(model_config("gpt2", vocab_size=vocab, n_layer=8, n_head=8, d_model=512, max_seq_len=1024)).eval()
+    g = torch.Generator().manual_seed(0)
+    requests = [Request(torch.randint(0, vocab, (300,), generator=g).tolist(),
+                        torch.randint(0, vocab, (5,), generator=g).tolist()) for _ in range(32)]
+    fast = as_scoring_model(model)
+    full = ScoringModel(lambda ids: model(ids), 1024)  # a plain callable: logits at every position
+    t_fast, a = best_time(lambda: score_requests(fast, requests), repeats)
+    t_full, b = best_time(lambda: score_requests(full, requests), repeats)
+    assert all(abs(x.logprob - y.logprob) < 1e-3 for x, y in zip(a, b))
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocab {vocab}, 32 requests")
+    print(f"head at scored positions {t_fast:.2f} s, full logits {t_full:.2f} s: {t_full / t_fast:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks-dir", type=Path, default=SHARED / "eval")
@@ -103,8 +127,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--no-peer", action="store_true", help="skip the lm-evaluation-harness + transformers peer")
+    parser.add_argument("--head-check", action="store_true", help="only time the output-head shortcut")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.head_check:
+        head_check(args.repeats)
+        return
 
     from scratchlm.eval.tasks import load_suite
     from scratchlm.runs import load_run

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from scratchlm.errors import UserError
-from scratchlm.eval.scoring import Request, ScoringModel, as_scoring_model, score_requests
+from scratchlm.eval.scoring import Request, as_scoring_model, score_requests
 
 
 @dataclass
