@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     info.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: recipe's or 8)")
     info.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: recipe's or max_seq_len)")
     info.add_argument("--param-dtype", default="fp32", help="dtype of weights, grads, optimizer state (default fp32)")
-    info.add_argument("--compute-dtype", default="bf16", help="autocast dtype of activations (default bf16)")
+    info.add_argument("--compute-dtype", default=None,
+                      help="dtype of activations (default: the recipe's train.dtype, else bf16)")
     info.add_argument("--optimizer", default="adamw", choices=["adamw", "muon", "sgd"])
     info.add_argument("--peak-flops", default=None, metavar="DEVICE|FLOPS",
                       help="state a peak (h100, 989e12, or cpu to measure this machine's bf16 "
@@ -94,7 +95,9 @@ def run_info(args) -> int:
     seq_len = args.seq_len or train.get("seq_len") or cfg.max_seq_len
     if batch <= 0 or seq_len <= 0:
         raise UserError("--batch-size and --seq-len must be positive")
-    figures = model_info(cfg, batch, seq_len, args.param_dtype, args.compute_dtype, args.optimizer)
+    recipe_dtype = train.get("dtype") if train.get("dtype") in ("fp32", "bf16", "fp16") else None
+    compute_dtype = args.compute_dtype or recipe_dtype or "bf16"
+    figures = model_info(cfg, batch, seq_len, args.param_dtype, compute_dtype, args.optimizer)
     if args.peak_flops:
         peak = accounting.peak_flops(args.peak_flops)
         figures["peak_flops"] = peak
