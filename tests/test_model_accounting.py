@@ -176,6 +176,16 @@ def test_model_verb_is_registered():
     assert "scratchlm.model.cli" in VERB_MODULES
 
 
+def test_model_info_through_the_scratchlm_command(capsys):
+    from scratchlm.cli import main
+
+    assert main(["model", "info", "--preset", "llama-tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == accounting.num_parameters(model_config("llama-tiny"))
+    assert main(["model", "info", "--preset", "llama-2b"]) == 2  # a UserError: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("scratchlm: error:") and "llama-2b" in err and "Traceback" not in err
+
+
 def test_model_info_preset_json(capsys):
     assert model_info("--preset", "gpt2-124m", "--batch-size", "4", "--seq-len", "512", "--json") == 0
     info = json.loads(capsys.readouterr().out)
