@@ -153,9 +153,11 @@ def dequantize(
     """Storage form back to a float weight `[rows, cols]` (works on row subsets too)."""
     codes = unpack_int4(qweight) if bits == 4 else qweight
     rows, n_groups = scale.shape[:-1], scale.shape[-1]
-    w = codes.to(dtype).reshape(*rows, n_groups, cols // n_groups) * scale.to(dtype)[..., None]
+    # one fresh float tensor, then scaled (and offset) in place: this runs on every forward
+    w = codes.to(dtype).reshape(*rows, n_groups, cols // n_groups)
+    w.mul_(scale.to(dtype)[..., None])
     if offset is not None:
-        w = w + offset.to(dtype)[..., None]
+        w.add_(offset.to(dtype)[..., None])
     return w.reshape(*rows, cols)
 
 
