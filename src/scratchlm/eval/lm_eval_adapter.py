@@ -53,6 +53,7 @@ try:
 except ImportError:  # optional dependency
     LM = object  # type: ignore[assignment,misc]
     Filter = object  # type: ignore[assignment,misc]
+    register_filter = register_model = None  # type: ignore[assignment]
     HAVE_LM_EVAL = False
 
 MODEL_NAME = "scratchlm"
