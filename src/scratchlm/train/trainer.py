@@ -89,6 +89,34 @@ class Strategy:
     def checkpoint_manager(self, directory: Path, keep: int) -> CheckpointManager:
         return CheckpointManager(directory, keep=keep, is_main=self.is_main)
 
+    def load_model_state(self, model: torch.nn.Module, tensors: dict, source: str) -> None:
+        """Put a checkpoint's weights into the model (sharded strategies scatter them)."""
+        load_weights(model, tensors, source=source)
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    # -- hooks for model-parallel strategies (pipeline); data-parallel ones keep the defaults --
+
+    @property
+    def data_rank(self) -> int:
+        """This process's index among the ranks that read different data."""
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        """How many ranks read different data (pipeline stages share theirs)."""
+        return self.world_size
+
+    def accumulate(self, runner, task, accum: int, device, dtype, scaler):
+        """One optimizer step's forward and backward done by the strategy itself, returning
+        (loss sum over micro-batches, tokens, metrics); None = the loop's own accumulation."""
+        return None
+
+    def sync_model(self, model: torch.nn.Module, optimizer=None) -> None:
+        """Make the model (and optimizer state) whole on every rank before it is evaluated or
+        saved; a no-op when every rank already holds it all."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Device and precision
@@ -353,7 +381,7 @@ def train(
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    accum = accumulation_steps(cfg, strategy.world_size)
+    accum = accumulation_steps(cfg, strategy.data_world_size)
 
     torch.manual_seed(cfg.seed + strategy.rank)
     model.to(device)
@@ -365,7 +393,7 @@ def train(
 
     manager = strategy.checkpoint_manager(out_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
     progress = _Progress()
-    resumed_from = _resume(manager, model, optimizer, task, progress, device, config)
+    resumed_from = _resume(manager, strategy, model, optimizer, task, progress, device)
 
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -430,6 +458,7 @@ def train(
                         **{k: v for k, v in task_metrics.items() if k != "loss"},
                     }
                     if do_eval or is_last:
+                        strategy.sync_model(model, optimizer)
                         result.last_eval = _evaluate(wrapped, model, task, device, dtype)
                         record.update(result.last_eval)
                     window = {"t": time.perf_counter(), "tokens": 0, "train_s": 0.0}
@@ -443,6 +472,7 @@ def train(
                 if (cfg.ckpt_every > 0 and progress.step % cfg.ckpt_every == 0) or stop_now:
                     progress.elapsed_s += time.perf_counter() - session_start
                     session_start = time.perf_counter()
+                    strategy.sync_model(model, optimizer)
                     result.checkpoint = _save(manager, model, optimizer, task, progress, config)
                     last_ckpt_step = progress.step
                 if stop_now:
@@ -451,6 +481,7 @@ def train(
                     break
             if last_ckpt_step != progress.step:
                 progress.elapsed_s += time.perf_counter() - session_start
+                strategy.sync_model(model, optimizer)
                 result.checkpoint = _save(manager, model, optimizer, task, progress, config)
     finally:
         if bar is not None:
@@ -493,6 +524,9 @@ def _report_bad_step(step: int, loss_value: float, grad_norm: float, bad_steps: 
 
 def _accumulate(runner, task, accum: int, device, dtype, scaler, strategy):
     """Forward and backward over `accum` micro-batches; gradients add up in `.grad`."""
+    custom = strategy.accumulate(runner, task, accum, device, dtype, scaler)
+    if custom is not None:
+        return custom
     loss_sum = torch.zeros((), device=device)
     n_tokens = 0
     metrics: dict[str, float] = {}
@@ -531,15 +565,15 @@ def _save(manager, model, optimizer, task, progress: _Progress, config) -> Path 
     return manager.save(progress.step, model, optimizer, state)
 
 
-def _resume(manager, model, optimizer, task, progress: _Progress, device, config) -> int | None:
+def _resume(manager, strategy, model, optimizer, task, progress: _Progress, device) -> int | None:
     checkpoint = manager.load_latest(map_location=device)
     if checkpoint is None:
         return None
-    load_weights(model, checkpoint.model, source=str(checkpoint.path))
+    strategy.load_model_state(model, checkpoint.model, str(checkpoint.path))
     # the config's peak rates win over the saved ones (a resumed run may change train.lr)
     peaks = [group["initial_lr"] for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        strategy.load_optimizer_state(optimizer, checkpoint.optimizer)
     except (ValueError, KeyError) as e:
         raise UserError(f"checkpoint {checkpoint.path} does not fit this optimizer "
                         f"(was train.optimizer changed?): {e}") from None
