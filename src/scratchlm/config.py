@@ -37,7 +37,7 @@ class TrainConfig:
     batch_tokens: int = 0  # global batch in tokens; 0 = one micro-batch (no accumulation)
     max_steps: int = 1000
     max_minutes: float = 0.0  # wall-clock budget; 0 = none
-    optimizer: str = "adamw"  # adamw | muon (Muon for matrices, AdamW for the rest)
+    optimizer: str = "adamw"  # adamw | muon (Muon for matrices, AdamW for the rest) | adamw8bit
     lr: float = 3e-4  # AdamW learning rate (and for the non-matrix params under Muon)
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
@@ -85,11 +85,29 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainConfig, "data": DataConfig}
+@dataclass
+class ParallelConfig:
+    """How to spread training over processes (see `scratchlm.train.parallel`, docs/distributed.md)."""
+
+    mode: str = "auto"  # auto | none | ddp | fsdp | pipeline (auto: ddp under torchrun, else none)
+    pipeline_schedule: str = "1f1b"  # gpipe | 1f1b
+    pipeline_microbatches: int = 0  # 0 = the accumulation steps (at least the number of stages)
+    fsdp_param_dtype: str = "auto"  # auto (= train.dtype) | fp32 | bf16 | fp16: FSDP2 mixed precision
+    fsdp_reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainConfig, "data": DataConfig,
+                             "parallel": ParallelConfig}
 
 # Keys whose value must be one of a few words (checked when set, so a typo fails at once).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "train.optimizer": ("adamw", "muon"),
+    "train.optimizer": ("adamw", "muon", "adamw8bit"),
+    "parallel.mode": ("auto", "none", "ddp", "fsdp", "pipeline"),
+    "parallel.pipeline_schedule": ("gpipe", "1f1b"),
+    "parallel.fsdp_param_dtype": ("auto", "fp32", "bf16", "fp16"),
+    "parallel.fsdp_reduce_dtype": ("fp32", "bf16", "fp16"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.dtype": ("auto", "fp32", "bf16", "fp16"),
     "data.mode": ("random", "sequential"),

@@ -249,6 +249,11 @@ def build_optimizer(model: nn.Module, train_cfg) -> Optimizer:
         groups = muon_parameter_groups(model, train_cfg.weight_decay, train_cfg.lr, train_cfg.muon_lr)
         return Muon(groups, lr=train_cfg.muon_lr, momentum=train_cfg.muon_momentum, betas=betas,
                     eps=train_cfg.eps)
+    if train_cfg.optimizer == "adamw8bit":
+        from scratchlm.train.optim8bit import AdamW8bit
+
+        groups = parameter_groups(model, train_cfg.weight_decay)
+        return AdamW8bit(groups, lr=train_cfg.lr, betas=betas, eps=train_cfg.eps)
     raise ValueError(f"unknown optimizer {train_cfg.optimizer!r}")
 
 

@@ -216,7 +216,10 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, config: Config | N
     from scratchlm.train.trainer import Strategy, train
 
     config = config or Config()
-    strategy = strategy or Strategy()
+    if strategy is None:
+        from scratchlm.train.parallel import strategy_from_config
+
+        strategy = strategy_from_config(config)
     data_dir = Path(data)
     config.data.path = str(data_dir)
     dataset = Dataset.open(data_dir)
@@ -235,11 +238,13 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, config: Config | N
     model = Transformer(model_cfg)
     task = PretrainTask(dataset, config.train, config.data,
                         token_bytes=token_byte_lengths(tokenizer, model_cfg.vocab_size),
-                        rank=strategy.rank, world_size=strategy.world_size,
-                        strategy=strategy if strategy.world_size > 1 else None)
+                        rank=strategy.data_rank, world_size=strategy.data_world_size,
+                        strategy=strategy if strategy.data_world_size > 1 else None)
     result = train(config, model, task, out, strategy=strategy, on_step=on_step)
+    # a sharded model is gathered into a plain one (a collective: every rank takes part)
+    final_model = strategy.model_for_saving(model) if hasattr(strategy, "model_for_saving") else model
     if strategy.is_main:
-        save_run(out, model.cpu(), tokenizer, config)
+        save_run(out, final_model.cpu(), tokenizer, config)
     return result
 
 
