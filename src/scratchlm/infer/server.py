@@ -488,8 +488,7 @@ async def _sse(handles, chunk, first_chunk, prompt_tokens: int, include_usage: b
                 yield data(chunk(i, "", event.finish_reason))
         if include_usage:
             yield data({"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                        "choices": [], "usage": _usage(prompt_tokens * len(handles) if obj == "text_completion"
-                                                       else prompt_tokens, completion_tokens)})
+                        "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"
     finally:
         for h in handles:
