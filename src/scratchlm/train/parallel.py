@@ -62,7 +62,24 @@ def init_process_group(backend: str = "auto") -> None:
         backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend=backend, store=_rendezvous_store(rank, world), rank=rank,
+                            world_size=world, timeout=timedelta(minutes=30))
+
+
+def _rendezvous_store(rank: int, world: int):
+    """torchrun's store, with keys private to this restart attempt.
+
+    After `--max-restarts` restarts the workers, the agent's store still holds the addresses
+    the dead attempt's ranks published; without a per-attempt prefix a new rank may connect to
+    a dead one and hang. (Without torchrun's agent, rank 0 hosts the store.)
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
+                          world, is_master=not agent_store and rank == 0,
+                          timeout=timedelta(minutes=10), wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"scratchlm/attempt{attempt}", store)
 
 
 def strategy_from_config(config) -> Strategy:
