@@ -28,6 +28,7 @@ VERB_MODULES = [
     "scratchlm.deploy_cli",
     "scratchlm.speedrun",
     "scratchlm.compare",
+    "scratchlm.plan",
 ]
 
 
