@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import regex
 
 from scratchlm.errors import UserError
-from scratchlm.files import atomic_write_json, read_json, sha256_bytes
+from scratchlm.files import atomic_write_text, read_json, sha256_bytes
 from scratchlm.tokenizer import formats
 from scratchlm.tokenizer.counting import count_chunks, default_workers
 from scratchlm.tokenizer.merging import ChunkEncoder, learn_merges
@@ -204,7 +204,7 @@ class BPETokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / "tokenizer.json"
-        atomic_write_json(path, self.to_json(), indent=1)
+        atomic_write_text(path, readable_json(self.to_json()))
         return path
 
     @classmethod
@@ -253,6 +253,21 @@ class BPETokenizer:
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, pattern={self.pattern!r}, "
                 f"special_tokens={len(self.special_tokens)})")
+
+
+def readable_json(obj: dict) -> str:
+    """JSON with one top-level field, and one list element (token, merge), per line."""
+    def dump(value) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    fields = []
+    for key, value in obj.items():
+        if isinstance(value, list) and value:
+            body = ",\n".join(f"  {dump(v)}" for v in value)
+            fields.append(f" {dump(key)}: [\n{body}\n ]")
+        else:
+            fields.append(f" {dump(key)}: {dump(value)}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 def _parts_from_json(data, where: str) -> tuple:
