@@ -8,7 +8,8 @@ TORCH_VERSION := 2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py compiles the optional C hot loops, so C edits re-run the install too.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/scratchlm/*/*.c)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: an unpinned torch would pull gigabytes of CUDA wheels here.
