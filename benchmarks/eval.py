@@ -14,7 +14,8 @@ arc_easy, 3-shot as tasks.json says, the first N examples). Measured:
   `scratchlm.eval.lm_eval_adapter.write_harness_tasks`, same batch size, same threads. (HFLM
   puts no EOT before contexts, so its accuracies may differ slightly: the speed is compared.)
 
-Batched and one-at-a-time accuracies are checked to be identical before timings are printed.
+The configurations run in turn, `--repeats` rounds, best of each kept, wall and CPU seconds both
+(CPU seconds are steadier on a shared machine). Our three accuracies must be identical.
 `--head-check` instead times only the output-head shortcut on a 32k-vocabulary model of the same
 shape (32 random requests of 300 context + 5 continuation tokens), scores checked identical.
 
@@ -57,13 +58,18 @@ def build_run(run_dir: Path, corpora: Path, vocab_size: int) -> None:
     save_run(run_dir, Transformer(config).eval(), tokenizer, {})
 
 
-def best_time(fn, repeats: int):
-    best, result = float("inf"), None
+def interleaved(configs: list[tuple[str, object]], repeats: int) -> dict[str, tuple[float, float, object]]:
+    """Best wall and CPU seconds of each config, the configs run in turn each round so that a
+    change in the machine's load hits all of them alike."""
+    best: dict[str, tuple[float, float, object]] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in configs:
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            old = best.get(name, (float("inf"), float("inf"), None))
+            best[name] = (min(old[0], wall), min(old[1], cpu), result)
+    return best
 
 
 def ours(run, spec, limit: int, batch_size: int, full_logits: bool = False):
@@ -109,11 +115,13 @@ def head_check(repeats: int) -> None:
                         torch.randint(0, vocab, (5,), generator=g).tolist()) for _ in range(32)]
     fast = as_scoring_model(model)
     full = ScoringModel(lambda ids: model(ids), 1024)  # a plain callable: logits at every position
-    t_fast, a = best_time(lambda: score_requests(fast, requests), repeats)
-    t_full, b = best_time(lambda: score_requests(full, requests), repeats)
+    best = interleaved([("fast", lambda: score_requests(fast, requests)),
+                        ("full", lambda: score_requests(full, requests))], repeats)
+    (fw, fc, a), (lw, lc, b) = best["fast"], best["full"]
     assert all(abs(x.logprob - y.logprob) < 1e-3 for x, y in zip(a, b))
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocab {vocab}, 32 requests")
-    print(f"head at scored positions {t_fast:.2f} s, full logits {t_full:.2f} s: {t_full / t_fast:.2f}x")
+    print(f"head at scored positions {fw:.2f} s ({fc:.2f} CPU s), full logits {lw:.2f} s ({lc:.2f} CPU s): "
+          f"{lw / fw:.2f}x wall, {lc / fc:.2f}x CPU")
 
 
 def main() -> None:
@@ -147,35 +155,35 @@ def main() -> None:
               f"task {args.task} ({spec.type}, {spec.num_fewshot}-shot), {args.limit} examples, "
               f"{args.threads} threads, {platform.processor() or platform.machine()}")
         ours(run, spec, 2, args.batch_size)  # warm-up
-        t_batched, r_batched = best_time(lambda: ours(run, spec, args.limit, args.batch_size), args.repeats)
-        t_single, r_single = best_time(lambda: ours(run, spec, args.limit, 1), args.repeats)
-        assert (r_batched.accuracy, r_batched.accuracy_norm) == (r_single.accuracy, r_single.accuracy_norm), \
-            "batched and one-at-a-time scoring disagree"
-        t_full, r_full = best_time(lambda: ours(run, spec, args.limit, args.batch_size, full_logits=True), args.repeats)
-        assert r_full.accuracy == r_batched.accuracy
-        rows = [
-            (f"scratchlm batched (batch {args.batch_size})", t_batched, r_batched.accuracy),
-            ("scratchlm one at a time", t_single, r_single.accuracy),
-            ("scratchlm batched, full logits", t_full, r_full.accuracy),
+        configs = [
+            (f"scratchlm batched (batch {args.batch_size})", lambda: ours(run, spec, args.limit, args.batch_size)),
+            ("scratchlm one at a time", lambda: ours(run, spec, args.limit, 1)),
+            ("scratchlm batched, full logits", lambda: ours(run, spec, args.limit, args.batch_size, full_logits=True)),
         ]
+        peer_name = f"lm_eval hf (batch {args.batch_size})"
         if not args.no_peer:
             from scratchlm.eval.lm_eval_adapter import TASK_PREFIX, harness_value, write_harness_tasks
             from scratchlm.interop.hf import export_hf
 
             export_hf(tmp / "run", tmp / "hf")
             names = write_harness_tasks(args.tasks_dir, tmp / "tasks", [args.task], args.limit)
-            run_peer = peer(tmp / "hf", tmp / "tasks", names[0], args.batch_size)
-            t_peer, r_peer = best_time(run_peer, args.repeats)
-            rows.append((f"lm_eval hf (batch {args.batch_size})", t_peer,
-                         harness_value(r_peer["results"][TASK_PREFIX + args.task], "acc")))
-        print(f"{'':34} {'seconds':>8} {'examples/s':>11} {'accuracy':>9}")
-        for name, seconds, acc in rows:
-            print(f"{name:34} {seconds:8.2f} {args.limit / seconds:11.2f} {acc:9.3f}")
-        print(f"batched / one at a time: {t_single / t_batched:.2f}x")
-        print(f"head at scored positions / full logits: {t_full / t_batched:.2f}x")
+            configs.append((peer_name, peer(tmp / "hf", tmp / "tasks", names[0], args.batch_size)))
+        best = interleaved(configs, args.repeats)
+        accuracy = {}
+        for name, (_, _, result) in best.items():
+            accuracy[name] = (harness_value(result["results"][TASK_PREFIX + args.task], "acc")
+                              if name == peer_name else result.accuracy)
+        ours_accuracies = {a for n, a in accuracy.items() if n != peer_name}
+        assert len(ours_accuracies) == 1, f"batched, one-at-a-time and full-logits scoring disagree: {accuracy}"
+        print(f"{'':34} {'wall s':>8} {'CPU s':>8} {'examples/s':>11} {'ex/CPU-s':>9} {'accuracy':>9}")
+        for name, (wall, cpu, _) in best.items():
+            print(f"{name:34} {wall:8.2f} {cpu:8.2f} {args.limit / wall:11.3f} {args.limit / cpu:9.3f} {accuracy[name]:9.3f}")
+        (bw, bc, _), (sw, sc, _), (fw, fc, _) = (best[n] for n, _ in configs[:3])
+        print(f"batched / one at a time: {sw / bw:.2f}x wall, {sc / bc:.2f}x CPU")
+        print(f"head at scored positions / full logits: {fw / bw:.2f}x wall, {fc / bc:.2f}x CPU")
         if not args.no_peer:
-            print(f"scratchlm batched / lm_eval hf: {t_peer / t_batched:.2f}x")
-
+            pw, pc, _ = best[peer_name]
+            print(f"scratchlm batched / lm_eval hf: {pw / bw:.2f}x wall, {pc / bc:.2f}x CPU")
 
 if __name__ == "__main__":
     main()
