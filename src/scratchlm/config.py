@@ -97,8 +97,17 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
+@dataclass
+class EvalConfig:
+    """Benchmark tasks scored at every evaluation during training (a small fixed subset)."""
+
+    tasks_dir: str = ""  # a suite dir with tasks.json (see scratchlm.eval); "" = none
+    tasks: list[str] = field(default_factory=list)  # labels; empty = every task in the suite
+    limit: int = 20  # examples per task, so the check stays cheap
+
+
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainConfig, "data": DataConfig,
-                             "parallel": ParallelConfig}
+                             "parallel": ParallelConfig, "eval": EvalConfig}
 
 # Keys whose value must be one of a few words (checked when set, so a typo fails at once).
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -30,7 +30,7 @@ class PretrainTask:
     """Batches of token windows, their cross-entropy, and validation loss / bits per byte."""
 
     def __init__(self, dataset, train_cfg, data_cfg, token_bytes: torch.Tensor | None = None,
-                 rank: int = 0, world_size: int = 1, strategy=None):
+                 rank: int = 0, world_size: int = 1, strategy=None, tokenizer=None, eval_cfg=None):
         from scratchlm.data.loader import TokenLoader
 
         self.dataset = dataset
@@ -46,6 +46,8 @@ class PretrainTask:
                                   world_size=world_size, mode=data_cfg.mode,
                                   with_doc_ids=self.doc_mask)
         self.token_bytes = token_bytes
+        self.tokenizer = tokenizer
+        self.eval_cfg = eval_cfg
         self._val_plan = self._plan_validation()
 
     # -- training ------------------------------------------------------------------------------
@@ -80,6 +82,17 @@ class PretrainTask:
         return batch, max(1, min(self.eval_batches, per_rank // batch))
 
     def evaluate(self, model) -> dict[str, float]:
+        """Validation loss and bits per byte, plus benchmark tasks when `eval.tasks_dir` is set."""
+        out = self._validation_loss(model)
+        if self.eval_cfg is not None and self.eval_cfg.tasks_dir and self.tokenizer is not None \
+                and (self.strategy is None or self.rank == 0):
+            from scratchlm.eval.tasks import quick_eval
+
+            out.update(quick_eval(model, self.tokenizer, self.eval_cfg.tasks_dir,
+                                  self.eval_cfg.tasks or None, limit=self.eval_cfg.limit))
+        return out
+
+    def _validation_loss(self, model) -> dict[str, float]:
         """Mean loss (nats/token) and bits per byte over the same val windows every time."""
         if self._val_plan is None:
             return {}
@@ -239,7 +252,8 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, config: Config | N
     task = PretrainTask(dataset, config.train, config.data,
                         token_bytes=token_byte_lengths(tokenizer, model_cfg.vocab_size),
                         rank=strategy.data_rank, world_size=strategy.data_world_size,
-                        strategy=strategy if strategy.data_world_size > 1 else None)
+                        strategy=strategy if strategy.data_world_size > 1 else None,
+                        tokenizer=tokenizer, eval_cfg=config.eval)
     result = train(config, model, task, out, strategy=strategy, on_step=on_step)
     # a sharded model is gathered into a plain one (a collective: every rank takes part)
     final_model = strategy.model_for_saving(model) if hasattr(strategy, "model_for_saving") else model
