@@ -34,7 +34,13 @@ setup(
             sources=["src/scratchlm/tokenizer/_fastbpe.c"],
             extra_compile_args=["-O3", "-std=c99", "-Wall"],
             optional=True,
-        )
+        ),
+        Extension(  # the prose quality-rule statistics (data pipeline); optional the same way
+            "scratchlm.data._fastfilters",
+            sources=["src/scratchlm/data/_fastfilters.c"],
+            extra_compile_args=["-O3", "-std=c99", "-Wall"],
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

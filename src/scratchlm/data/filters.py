@@ -13,12 +13,21 @@ ones. Not for deduplication or decontamination (see `dedup.py`, `decontaminate.p
 from __future__ import annotations
 
 import unicodedata
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import regex
 
 from scratchlm.errors import UserError
+
+FASTFILTERS_VERSION = 2  # the interface version of _fastfilters.c this code expects
+try:
+    from scratchlm.data import _fastfilters
+    if getattr(_fastfilters, "VERSION", None) != FASTFILTERS_VERSION:  # a stale build
+        _fastfilters = None
+except ImportError:
+    _fastfilters = None
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 CODE_SUFFIXES = {".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go",
@@ -148,6 +157,8 @@ def check_document(text: str, kind: str, config: FilterConfig) -> str | None:
         return None  # every rule off: skip the word split the rules would share
     if kind == "code":
         return _check_code(text, config)
+    if _fastfilters is not None:
+        return _check_prose_fast(text, config)
     return _check_prose(text, config)
 
 
@@ -261,11 +272,12 @@ def _check_ngrams(words: list[str], word_chars: int, c: FilterConfig) -> str | N
         ordered = np.sort(keys)  # np.unique costs ~15x a plain sort on arrays this small
         run_starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
         counts = np.diff(np.append(run_starts, ordered.size))
-        top = int(np.argmax(counts))
-        top_count = int(counts[top])
-        if counts[top] > 1:
-            where = int(np.argmax(keys == ordered[run_starts[top]]))
-            chars = len("".join(words[where:where + n])) * int(counts[top])
+        top_count = int(counts.max())
+        if top_count > 1:
+            # Of equally frequent n-grams the longest counts: a choice by hash order would
+            # make the decision depend on the process (str hashes are salted per process).
+            firsts = (int(np.argmax(keys == key)) for key in ordered[run_starts[counts == top_count]])
+            chars = max(len("".join(words[w:w + n])) for w in firsts) * top_count
             if chars / word_chars > limit:
                 return f"max_top_{n}gram_chars"
     dup_limits = sorted((c.max_dup_ngram_chars or {}).items())
@@ -298,6 +310,146 @@ def _repeated_ngram_chars(ids: np.ndarray, words: list[str], n: int) -> int:
     covered = np.cumsum(cover[:-1]) > 0
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     return int(lengths[covered].sum())
+
+
+# -- prose, fast path ---------------------------------------------------------------------------
+_STOP_WORD_TUPLE = tuple(sorted(STOP_WORDS))
+_BULLET_CHARS = "".join(BULLETS)  # every bullet is one character
+# What `_fastfilters.prose_stats` returns, in order: counts of words (of text.lower().split()),
+# their characters, the longest one, distinct stop words, words without a letter, symbols
+# (#, ..., …), bullet and ellipsis lines; non-blank lines and stripped non-empty paragraphs: all,
+# distinct, their characters, distinct characters; the word ids and lengths (uint32 bytes).
+ProseStats = namedtuple("ProseStats", [
+    "words", "word_chars", "longest_word", "stop_words", "letterless_words", "symbols",
+    "bullet_lines", "ellipsis_lines", "lines", "distinct_lines", "line_chars",
+    "distinct_line_chars", "paragraphs", "distinct_paragraphs", "paragraph_chars",
+    "distinct_paragraph_chars", "ids", "lengths"])
+
+
+def prose_stats(text: str) -> ProseStats:
+    """Every statistic of the prose rules for `text`, from one C pass (needs the extension)."""
+    return _prose_stats(text, text.lower())
+
+
+# One byte per code point: 1 for `\\p{L}`, 2 for `\\s`, as the `regex` module sees them, 4 once
+# known. Taken from `regex` itself because its Unicode tables are newer than CPython's (tens of
+# thousands more letters) and its `\\s` leaves out U+001C-U+001F, which str.isspace counts.
+# Filled a block of 256 code points at a time, when a document first uses one (the C pass says
+# so by returning None): the whole table would cost ~1 CPU-second per process.
+_CHAR_CLASSES = bytearray(0x110000)
+_BLOCK = 256
+
+
+def _fill_char_classes(blocks) -> None:
+    for block in blocks:
+        first = block * _BLOCK
+        chars = "".join(map(chr, range(first, first + _BLOCK)))
+        for i, ch in enumerate(chars):
+            _CHAR_CLASSES[first + i] = (4 | (1 if _LETTER.match(ch) else 0)
+                                        | (2 if _SPACE.match(ch) else 0))
+
+
+_LETTER = regex.compile(r"\p{L}")
+_SPACE = regex.compile(r"\s")
+_fill_char_classes([0])  # ASCII and Latin-1: most text needs nothing more
+
+
+def _prose_stats(text: str, lowered: str) -> ProseStats:
+    stats = _fastfilters.prose_stats(text, lowered, _CHAR_CLASSES, _STOP_WORD_TUPLE,
+                                     _BULLET_CHARS)
+    if stats is None:  # a code point of a block not in the table yet
+        _fill_char_classes({ord(ch) // _BLOCK for ch in set(text)}
+                           - {b for b in range(0x110000 // _BLOCK) if _CHAR_CLASSES[b * _BLOCK]})
+        stats = _fastfilters.prose_stats(text, lowered, _CHAR_CLASSES, _STOP_WORD_TUPLE,
+                                         _BULLET_CHARS)
+    return ProseStats._make(stats)
+
+
+def _check_prose_fast(text: str, c: FilterConfig) -> str | None:
+    """`_check_prose` with every statistic from one C pass; same rules, same order."""
+    lowered = text.lower()
+    s = _prose_stats(text, lowered)
+    n_words = s.words
+    if c.min_words is not None and n_words < c.min_words:
+        return "min_words"
+    if c.max_words is not None and n_words > c.max_words:
+        return "max_words"
+    if n_words == 0:
+        return None
+    word_chars = s.word_chars
+    if c.mean_word_length is not None:
+        low, high = c.mean_word_length
+        if not low <= word_chars / n_words <= high:
+            return "mean_word_length"
+    if c.max_symbol_ratio is not None and s.symbols / n_words > c.max_symbol_ratio:
+        return "max_symbol_ratio"
+    if c.min_stop_words is not None and s.stop_words < c.min_stop_words:
+        return "min_stop_words"
+    if c.min_alpha_words is not None and 1 - s.letterless_words / n_words < c.min_alpha_words:
+        return "min_alpha_words"
+    if c.reject_phrases and any(phrase in lowered for phrase in c.reject_phrases):
+        return "reject_phrases"
+    return _check_lines_fast(s, c) or _check_ngrams_fast(s, c)
+
+
+def _check_lines_fast(s: ProseStats, c: FilterConfig) -> str | None:
+    n_lines = s.lines
+    if n_lines == 0:
+        return None
+    if c.max_bullet_lines is not None and s.bullet_lines / n_lines > c.max_bullet_lines:
+        return "max_bullet_lines"
+    if c.max_ellipsis_lines is not None and s.ellipsis_lines / n_lines > c.max_ellipsis_lines:
+        return "max_ellipsis_lines"
+    for what, part in (("lines", "line"), ("paragraphs", "paragraph")):
+        max_fraction = getattr(c, f"max_dup_{what}")
+        max_char_fraction = getattr(c, f"max_dup_{part}_chars")
+        parts = getattr(s, what)
+        repeats = parts - getattr(s, f"distinct_{what}")
+        if repeats == 0 or (max_fraction is None and max_char_fraction is None):
+            continue
+        total_chars = getattr(s, f"{part}_chars")
+        repeat_chars = total_chars - getattr(s, f"distinct_{part}_chars")
+        if max_fraction is not None and repeats / parts > max_fraction:
+            return f"max_dup_{what}"
+        if max_char_fraction is not None and repeat_chars / total_chars > max_char_fraction:
+            return f"max_dup_{part}_chars"
+    return None
+
+
+def _check_ngrams_fast(s: ProseStats, c: FilterConfig) -> str | None:
+    """`_check_ngrams` over n-gram ids that the C side interns exactly, one n after another."""
+    if not c.max_top_ngram_chars and not c.max_dup_ngram_chars:
+        return None
+    words, lengths, n_words, word_chars = s.ids, s.lengths, s.words, s.word_chars
+    level = [1, words]  # [n, ids of the n-grams], advanced only as far as a rule needs
+
+    def ngram_ids(n: int) -> bytes:
+        if level[0] > n:  # a dup rule for a shorter n than a top rule's: start again
+            level[:] = [1, words]
+        while level[0] < n:
+            level[1] = _fastfilters.next_level(level[1], words)
+            level[0] += 1
+        return level[1]
+
+    top_count = None
+    for n, limit in sorted((c.max_top_ngram_chars or {}).items()):
+        if n_words < n:
+            continue
+        if top_count is not None and top_count * n * s.longest_word / word_chars <= limit:
+            continue  # the same bound as the reference: this n cannot exceed its limit
+        top_count, chars = _fastfilters.top_ngram(ngram_ids(n), lengths, n)
+        if top_count > 1 and chars * top_count / word_chars > limit:
+            return f"max_top_{n}gram_chars"
+    dup_limits = sorted((c.max_dup_ngram_chars or {}).items())
+    for i, (n, limit) in enumerate(dup_limits):
+        if n_words < n:
+            continue
+        fraction = _fastfilters.repeated_ngram_chars(ngram_ids(n), lengths, n) / word_chars
+        if fraction > limit:
+            return f"max_dup_{n}gram_chars"
+        if all(fraction <= later for _, later in dup_limits[i + 1:]):
+            return None
+    return None
 
 
 # -- code -------------------------------------------------------------------------------------
