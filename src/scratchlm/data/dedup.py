@@ -43,7 +43,12 @@ _FOLD = np.random.default_rng(0x5EED).integers(1, 2**63, size=64, dtype=np.uint6
 
 def text_key(text: str) -> bytes:
     """128-bit digest of a (normalised) text: the identity of a document for exact dedup."""
-    return hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=16).digest()
+    return utf8_key(text.encode("utf-8", errors="surrogatepass"))
+
+
+def utf8_key(encoded: bytes) -> bytes:
+    """`text_key` of a text already encoded (the pipeline encodes once for size and key)."""
+    return hashlib.blake2b(encoded, digest_size=16).digest()
 
 
 def _stable_word_hash(word: str) -> int:

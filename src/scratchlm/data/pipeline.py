@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from scratchlm.data.decontaminate import DEFAULT_NGRAM, ContaminationIndex
-from scratchlm.data.dedup import DEDUP_MODES, LSHIndex, MinHashConfig, MinHasher, text_key
+from scratchlm.data.dedup import DEDUP_MODES, LSHIndex, MinHashConfig, MinHasher, utf8_key
 from scratchlm.data.filters import (FilterConfig, check_document, document_kind, filter_config,
                                     normalize_text)
 from scratchlm.data.shards import (EOT_LAYOUT, INDEX_NAME, INDEX_VERSION, Dataset, ShardWriter,
@@ -156,13 +156,14 @@ def _process_chunk(items: list[tuple[str, str]]) -> ChunkResult:
             text = normalize_text(text)
         reason = check_document(text, kind, setup.filters)
         result.reasons.append(reason)
-        result.sizes.append(len(text.encode("utf-8", errors="surrogatepass")))
+        encoded = text.encode("utf-8", errors="surrogatepass")
+        result.sizes.append(len(encoded))
         if reason is not None:
             result.keys.append(None)
             result.signatures.append(None)
             result.contaminated.append(None)
             continue
-        result.keys.append(text_key(text))
+        result.keys.append(utf8_key(encoded))
         result.signatures.append(_worker_minhasher.signature(text) if _worker_minhasher else None)
         result.contaminated.append(setup.contamination.match(text) if setup.contamination else None)
         passed.append(text)
