@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -342,7 +343,9 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, out_path: str | os
     model_cfg = config_from_mapping(state.get("config", {}).get("model", {}), where=str(state_path))
     model = Transformer(model_cfg)
     sd = {k: v for k, v in model.state_dict().items()}
-    dcp.load({"model": sd}, checkpoint_id=str(src), no_dist=True)
+    with warnings.catch_warnings():  # "no process group: loading in one process" is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=str(src), no_dist=True)
     model.load_state_dict(sd)
     out = Path(out_path) if out_path else src / "model.safetensors"
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")

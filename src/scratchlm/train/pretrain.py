@@ -226,7 +226,7 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, config: Config | N
     from scratchlm.data.shards import Dataset
     from scratchlm.model.transformer import Transformer
     from scratchlm.runs import save_run
-    from scratchlm.train.trainer import Strategy, train
+    from scratchlm.train.trainer import train
 
     config = config or Config()
     if strategy is None:
