@@ -70,8 +70,8 @@ def oracle_ngrams(words: list[str], n: int) -> tuple[int, int, int]:
 
 def fast_ngrams(stats, n: int) -> tuple[int, int, int]:
     level = stats.ids
-    for _ in range(n - 1):
-        level = filters._fastfilters.next_level(level, stats.ids)
+    for a in range(1, n):  # one word at a time here; the filters combine halves
+        level = filters._fastfilters.combine_levels(level, stats.ids, a)
     count, chars = filters._fastfilters.top_ngram(level, stats.lengths, n)
     return count, chars, filters._fastfilters.repeated_ngram_chars(level, stats.lengths, n)
 

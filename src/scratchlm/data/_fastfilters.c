@@ -3,7 +3,7 @@
  * What it is for: one pass over a document's lowered text (its words) and one over the text
  * itself (letterless words, symbols, bullet/ellipsis lines, repeated lines and paragraphs)
  * compute every number the Gopher-style prose rules need, and two small functions count n-gram
- * repetition over interned n-gram ids, one n at a time. filters.py applies the thresholds in the
+ * repetition over interned n-gram ids (an n-gram's id from those of its two halves). filters.py applies the thresholds in the
  * same order as its readable Python reference, and tests hold the two to identical decisions.
  * What it is not for: any decision (thresholds live in Python), code documents, normalisation,
  * deduplication.
@@ -19,7 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VERSION 2
+#define VERSION 3
 #define CLASS_LETTER 1 /* table flags, one byte per code point */
 #define CLASS_SPACE 2
 #define CLASS_KNOWN 4 /* the entry is filled in */
@@ -144,7 +144,7 @@ ALWAYS_INLINE int split_words(const int KIND, const void *data, Py_ssize_t n,
     uint64_t stop_seen = 0;
     Py_ssize_t n_stop = PyTuple_GET_SIZE(stop_words);
     SpanSet set;
-    if (spanset_init(&set, 256) < 0) { spanset_free(&set); return -1; }
+    if (spanset_init(&set, (size_t)n / 16 + 64) < 0) { spanset_free(&set); return -1; }
     Py_ssize_t i = 0;
     while (i < n) {
         while (i < n && Py_UNICODE_ISSPACE(AT(KIND, data, i))) i++;
@@ -330,22 +330,23 @@ done:
     return result;
 }
 
-/* -- n-grams: level n ids from level n-1 ids, interned pair by pair ------------------------- */
-/* Level 1 is the word ids. The n-gram at position p is the pair (its (n-1)-gram at p, word
-   p+n-1), so equal ids mean equal n-grams, exactly. Ids count up in order of first appearance:
-   an occurrence repeats an earlier one iff its id is not a new maximum. */
-static PyObject *next_level(PyObject *self, PyObject *args) {
-    Py_buffer prev, words;
-    if (!PyArg_ParseTuple(args, "y*y*", &prev, &words)) return NULL;
+/* -- n-grams: ids of (a+b)-grams from those of a-grams and b-grams ------------------------- */
+/* Level 1 is the word ids. The (a+b)-gram at position p is the pair (its a-gram at p, the
+   b-gram at p+a), so equal ids mean equal n-grams, exactly. Ids count up in order of first
+   appearance: an occurrence repeats an earlier one iff its id is not a new maximum. */
+static PyObject *combine_levels(PyObject *self, PyObject *args) {
+    Py_buffer left, right;
+    Py_ssize_t offset;
+    if (!PyArg_ParseTuple(args, "y*y*n", &left, &right, &offset)) return NULL;
     PyObject *result = NULL;
-    Py_ssize_t count = prev.len / 4 - 1, n_words = words.len / 4;
-    if (prev.len % 4 || words.len % 4 || prev.len / 4 > n_words) {
-        PyErr_SetString(PyExc_ValueError, "ids must be uint32 buffers, the level no longer than words");
+    Py_ssize_t count = right.len / 4 - offset; /* (W - b + 1) - a = W - (a + b) + 1 */
+    if (left.len % 4 || right.len % 4 || offset < 1 || count > left.len / 4) {
+        PyErr_SetString(PyExc_ValueError, "levels must be uint32 buffers of a-grams and b-grams, "
+                                          "with the offset a");
         goto done;
     }
     if (count <= 0) { result = PyBytes_FromStringAndSize(NULL, 0); goto done; }
-    const uint32_t *p = prev.buf, *wd = words.buf;
-    Py_ssize_t shift = n_words - prev.len / 4 + 1; /* word p + shift ends the n-gram at p */
+    const uint32_t *l = left.buf, *r = right.buf;
     size_t size = 16;
     while (size < (size_t)count + (size_t)count / 2 + 2) size <<= 1;
     uint64_t *keys = PyMem_Malloc(size * sizeof(uint64_t));
@@ -358,8 +359,8 @@ static PyObject *next_level(PyObject *self, PyObject *args) {
     }
     uint32_t *out = (uint32_t *)PyBytes_AS_STRING(result), next_id = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t key = ((uint64_t)p[i] << 32) | wd[i + shift];
-        size_t j = (size_t)((key * 0x9e3779b97f4a7c15ULL) >> 32) & (size - 1); /* Fibonacci hashing */
+        uint64_t key = ((uint64_t)l[i] << 32) | r[i + offset];
+        size_t j = (size_t)((key * 0x9e3779b97f4a7c15ULL) >> 32) & (size - 1); /* Fibonacci */
         while (values[j] != 0 && keys[j] != key) j = (j + 1) & (size - 1);
         if (values[j] == 0) {
             keys[j] = key;
@@ -370,8 +371,8 @@ static PyObject *next_level(PyObject *self, PyObject *args) {
     PyMem_Free(keys);
     PyMem_Free(values);
 done:
-    PyBuffer_Release(&prev);
-    PyBuffer_Release(&words);
+    PyBuffer_Release(&left);
+    PyBuffer_Release(&right);
     return result;
 }
 
@@ -446,8 +447,8 @@ static PyMethodDef methods[] = {
      "prose_stats(text, lowered, table, stop_words, bullets) -> tuple of the prose statistics "
      "(filters.ProseStats), ending with word ids and lengths (uint32 bytes); None when the "
      "text has a character whose table entry is not filled in"},
-    {"next_level", next_level, METH_VARARGS,
-     "next_level(level_ids, word_ids) -> ids of the (n+1)-grams from those of the n-grams"},
+    {"combine_levels", combine_levels, METH_VARARGS,
+     "combine_levels(a_gram_ids, b_gram_ids, a) -> ids of the (a+b)-grams"},
     {"top_ngram", top_ngram, METH_VARARGS,
      "top_ngram(level_ids, lengths, n) -> (count, chars) of the most frequent n-gram"},
     {"repeated_ngram_chars", repeated_ngram_chars, METH_VARARGS,

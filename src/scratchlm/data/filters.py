@@ -21,7 +21,7 @@ import regex
 
 from scratchlm.errors import UserError
 
-FASTFILTERS_VERSION = 2  # the interface version of _fastfilters.c this code expects
+FASTFILTERS_VERSION = 3  # the interface version of _fastfilters.c this code expects
 try:
     from scratchlm.data import _fastfilters
     if getattr(_fastfilters, "VERSION", None) != FASTFILTERS_VERSION:  # a stale build
@@ -420,16 +420,14 @@ def _check_ngrams_fast(s: ProseStats, c: FilterConfig) -> str | None:
     """`_check_ngrams` over n-gram ids that the C side interns exactly, one n after another."""
     if not c.max_top_ngram_chars and not c.max_dup_ngram_chars:
         return None
-    words, lengths, n_words, word_chars = s.ids, s.lengths, s.words, s.word_chars
-    level = [1, words]  # [n, ids of the n-grams], advanced only as far as a rule needs
+    lengths, n_words, word_chars = s.lengths, s.words, s.word_chars
+    levels = {1: s.ids}  # n -> ids of the n-grams, made only as a rule needs them
 
     def ngram_ids(n: int) -> bytes:
-        if level[0] > n:  # a dup rule for a shorter n than a top rule's: start again
-            level[:] = [1, words]
-        while level[0] < n:
-            level[1] = _fastfilters.next_level(level[1], words)
-            level[0] += 1
-        return level[1]
+        if n not in levels:  # from its halves: 5 from 3 and 2, 3 from 2 and 1, 2 from 1 and 1
+            a = (n + 1) // 2
+            levels[n] = _fastfilters.combine_levels(ngram_ids(a), ngram_ids(n - a), a)
+        return levels[n]
 
     top_count = None
     for n, limit in sorted((c.max_top_ngram_chars or {}).items()):
