@@ -7,6 +7,8 @@ import json
 import os
 import textwrap
 
+from pathlib import Path
+
 import pytest
 
 from scratchlm import speedrun as sr
@@ -17,10 +19,13 @@ SECTIONS = ("Summary", "Configuration", "Environment", "Time and tokens per stag
             "Tokenizer", "Data", "Evaluation", "Docstring to Python", "Samples", "Quantization", "Use it")
 
 
+SMALL_TASKS = Path(os.environ.get("SCRATCHLM_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "eval" / "small"
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("speedrun") / "run"
-    sr.speedrun(out, minutes=0.5, progress=False)
+    sr.speedrun(out, minutes=0.5, progress=False, tasks_dir=SMALL_TASKS if SMALL_TASKS.is_dir() else None)
     return out
 
 
@@ -58,6 +63,11 @@ def test_report_has_every_section_in_both_formats(run_dir):
         assert png in md and png in page
     assert '<div class="tokens"><span style="background:' in page  # the coloured tokenization sample
     assert f"scratchlm chat --model {run_dir / 'dpo'}" in md
+    if SMALL_TASKS.is_dir():  # --tasks-dir given: the benchmark table, one row per task
+        suite = read_json(run_dir / "eval" / "dpo.json")["suite"]
+        assert suite["tasks"] and "benchmark suite (--tasks-dir)" in md
+        for label in suite["tasks"]:
+            assert f"| {label} |" in md
 
 
 def test_report_figures_come_from_the_run_files(run_dir):
@@ -164,3 +174,28 @@ def test_base_answer_stops_where_the_function_ends():
     assert sr.base_answer("    x = 1\n    return fo", hit_length=True) == "    x = 1"
     assert sr.body_parses(sr.base_answer(text, False))
     ast.parse("def f():\n" + sr.base_answer(text, False))
+
+
+def test_a_faster_machine_or_a_longer_budget_gets_a_bigger_model(run_dir, monkeypatch):
+    """The model is sized by measured throughput: more FLOP/s or more seconds never pick a smaller one."""
+    from scratchlm.model.accounting import flops_per_token
+
+    run = sr.Speedrun(sr.SpeedrunOptions(out=str(run_dir), minutes=0.5, progress=False))
+    rate = {"flops": 0.0}
+    monkeypatch.setattr(sr, "measure_throughput",
+                        lambda cfg, micro, seq_len, *a, **k: rate["flops"] / flops_per_token(cfg, seq_len))
+    sizes = []
+    for flops, seconds in ((1e9, 60), (1e11, 60), (1e11, 600), (1e13, 600), (1e15, 3600)):
+        rate["flops"] = flops
+        plan = run.plan_pretrain(seconds)
+        sizes.append(plan["params"])
+        assert plan["max_steps"] * plan["batch_tokens"] <= plan["estimated_tokens_per_sec"] * seconds
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+
+
+def test_a_training_stage_stopped_by_a_signal_is_not_marked_done():
+    from scratchlm.train.trainer import TrainResult
+
+    with pytest.raises(KeyboardInterrupt):
+        sr.finished(TrainResult(step=3, tokens=10, stopped="signal"), "pretrain")
+    assert sr.finished(TrainResult(step=3, tokens=10, stopped="max_minutes"), "sft")["steps"] == 3

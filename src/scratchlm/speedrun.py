@@ -67,14 +67,15 @@ class BudgetScale:
     probe_steps: int
     seq_len: int  # pretraining window on a CPU (a GPU uses 1024)
     micro_batch: int  # sequences per step on a CPU (a GPU uses 32)
+    suite_limit: int  # examples per --tasks-dir task
 
 
 QUICK_SCALE = BudgetScale(vocab_size=512, tokenizer_sample_bytes=256 << 10, posttrain_files=25, eval_tokens=2048,
                           heldout=8, parse_prompts=4, parse_max_tokens=32, probe_steps=1, seq_len=256,
-                          micro_batch=4)
+                          micro_batch=4, suite_limit=2)
 FULL_SCALE = BudgetScale(vocab_size=4096, tokenizer_sample_bytes=4 << 20, posttrain_files=None, eval_tokens=32768,
                          heldout=64, parse_prompts=16, parse_max_tokens=96, probe_steps=1, seq_len=512,
-                         micro_batch=8)
+                         micro_batch=8, suite_limit=100)
 
 
 def budget_scale(budget_s: float) -> BudgetScale:
@@ -305,8 +306,7 @@ class Speedrun:
                  f"(probe: {plan['probe_tokens_per_sec']:,.0f} tokens/s)")
         config = load_config(None, base={"model": plan["model"], "train": plan["train"]})
         result = pretrain(self.data_dir, self.run_dir("base"), config, on_step=self.ticker("pretrain"))
-        return {"steps": result.step, "tokens": result.tokens, "stopped": result.stopped,
-                "final_loss": result.last_loss, **(result.last_eval or {})}
+        return finished(result, "pretrain")
 
     def plan_pretrain(self, seconds: float) -> dict:
         """The model, batch and step count that fit `seconds` of pretraining on this machine."""
@@ -400,8 +400,7 @@ class Speedrun:
         config = self._post_config("sft", self.budget_s * POST_SHARES["sft"], 1.0)
         result = run_sft(self.run_dir("base"), self.run_dir("sft"), config, on_step=self.ticker("sft"),
                          progress=self.opt.progress)
-        return {"steps": result.step, "tokens": result.tokens, "stopped": result.stopped,
-                "final_loss": result.last_loss, **(result.last_eval or {})}
+        return finished(result, "sft")
 
     def stage_dpo(self) -> dict:
         from scratchlm.posttrain.pipeline import run_dpo
@@ -409,8 +408,7 @@ class Speedrun:
         config = self._post_config("dpo", self.budget_s * POST_SHARES["dpo"], 1.0)
         result = run_dpo(self.run_dir("sft"), self.run_dir("dpo"), config, on_step=self.ticker("dpo"),
                          progress=self.opt.progress)
-        return {"steps": result.step, "tokens": result.tokens, "stopped": result.stopped,
-                "final_loss": result.last_loss, **(result.last_eval or {})}
+        return finished(result, "dpo")
 
     # -- 5. eval ---------------------------------------------------------------------------------
 
@@ -478,6 +476,14 @@ class Speedrun:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces the stages use (each callable on its own)
+
+
+def finished(result, stage: str) -> dict:
+    """A training stage's figures; a run stopped by a signal is not finished (re-running resumes it)."""
+    if result.stopped == "signal":
+        raise KeyboardInterrupt(f"{stage} stopped by a signal at step {result.step}")
+    return {"steps": result.step, "tokens": result.tokens, "stopped": result.stopped,
+            "final_loss": result.last_loss, **(result.last_eval or {})}
 
 
 def ladder_config(shape: tuple[int, int, int, int], vocab_size: int, seq_len: int):
@@ -705,7 +711,7 @@ def evaluate_model(run_dir: Path, data_dir: Path, scale: BudgetScale = FULL_SCAL
     if tasks_dir:
         from scratchlm.eval.tasks import evaluate_suite
 
-        out["suite"] = evaluate_suite(model, tokenizer, tasks_dir)
+        out["suite"] = evaluate_suite(model, tokenizer, tasks_dir, limit=scale.suite_limit)
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -838,11 +844,13 @@ def build_report(out: Path, state: dict):
     report.section("Environment").key_values(list(env.items()))
 
     rows = []
-    for name in STAGES:
+    for name in STAGES[:-1]:  # the report stage is this very build
         entry = stages.get(name, {})
         rows.append([name, entry.get("status", "not run"), round(float(entry.get("seconds", 0.0)), 1),
-                     entry.get("tokens"), entry.get("steps")])
-    report.section("Time and tokens per stage").table(["stage", "status", "seconds", "tokens", "steps"], rows)
+                     entry.get("tokens") or None, entry.get("steps")])
+    report.section("Time and tokens per stage").table(
+        ["stage", "status", "seconds", "tokens", "steps"], rows,
+        "seconds: wall clock summed over every session of this run; tokens: tokenized (data) or trained on")
 
     s = report.section("Training curves")
     plots = out / "plots"
@@ -880,7 +888,9 @@ def build_report(out: Path, state: dict):
     if index and isinstance(index.get("stats"), dict):
         removed = index["stats"].get("removed", {})
         if removed:
-            s.table(["removed by", "documents"], sorted(removed.items()))
+            s.table(["removed by", "documents", "bytes"],
+                    [[k, v.get("docs"), v.get("bytes")] if isinstance(v, dict) else [k, v, None]
+                     for k, v in sorted(removed.items())])
 
     evals = {name: _load_optional(out / "eval" / f"{name}.json", f"{name} eval") for name in ("base", "sft", "dpo")}
     s = report.section("Evaluation")
