@@ -138,40 +138,89 @@ typedef struct {
     uint32_t *ids, *lengths; /* per word: id (interned by content) and length in characters */
 } Words;
 
-ALWAYS_INLINE int split_words(const int KIND, const void *data, Py_ssize_t n,
-                              PyObject *stop_words, Words *w) {
-    const char *base = data;
-    uint64_t stop_seen = 0;
-    Py_ssize_t n_stop = PyTuple_GET_SIZE(stop_words);
+/* The stop words, unpacked once per call: comparing against the str objects for every new
+   distinct word cost as much as the rest of the word pass. */
+#define MAX_STOP_LEN 16
+typedef struct {
+    int count;
+    Py_ssize_t len[MAX_STOP_WORDS];
+    Py_UCS4 chars[MAX_STOP_WORDS][MAX_STOP_LEN];
+} StopWords;
+
+static void unpack_stop_words(PyObject *tuple, StopWords *sw) {
+    sw->count = 0;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(tuple) && k < MAX_STOP_WORDS; k++) {
+        PyObject *word = PyTuple_GET_ITEM(tuple, k);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(word);
+        sw->len[k] = len <= MAX_STOP_LEN ? len : -1; /* longer ones never match (checked) */
+        for (Py_ssize_t j = 0; j < len && j < MAX_STOP_LEN; j++)
+            sw->chars[k][j] = PyUnicode_READ_CHAR(word, j);
+        sw->count++;
+    }
+}
+
+/* str.isspace for code points below 256, as a table: Py_UNICODE_ISSPACE calls out above 127 */
+static unsigned char latin1_space[256];
+
+ALWAYS_INLINE int is_space(const int KIND, Py_UCS4 c) {
+    return KIND == 1 ? latin1_space[c] : Py_UNICODE_ISSPACE(c);
+}
+
+/* Words go into a sink: interned, counted, checked against the stop words. */
+typedef struct {
     SpanSet set;
-    if (spanset_init(&set, (size_t)n / 16 + 64) < 0) { spanset_free(&set); return -1; }
-    Py_ssize_t i = 0;
-    while (i < n) {
-        while (i < n && Py_UNICODE_ISSPACE(AT(KIND, data, i))) i++;
-        if (i >= n) break;
-        Py_ssize_t start = i;
-        while (i < n && !Py_UNICODE_ISSPACE(AT(KIND, data, i))) i++;
-        Py_ssize_t len = i - start;
-        int added;
-        int64_t id = spanset_id(&set, base, start * KIND, len * KIND, &added);
-        if (id < 0) { spanset_free(&set); return -1; }
-        w->ids[w->count] = (uint32_t)id;
-        w->lengths[w->count] = (uint32_t)len;
-        w->count++;
-        w->chars += len;
-        if (len > w->longest) w->longest = len;
-        if (added) { /* a new distinct word: is it a stop word? */
-            for (Py_ssize_t k = 0; k < n_stop; k++) {
-                PyObject *stop = PyTuple_GET_ITEM(stop_words, k);
-                if (PyUnicode_GET_LENGTH(stop) != len) continue;
-                Py_ssize_t j = 0;
-                while (j < len && PyUnicode_READ_CHAR(stop, j) == AT(KIND, data, start + j)) j++;
-                if (j == len) stop_seen |= (uint64_t)1 << k;
-            }
+    uint64_t stop_seen;
+    const StopWords *stop;
+    Words *w;
+} WordSink;
+
+static int sink_init(WordSink *sink, Py_ssize_t n, const StopWords *stop, Words *w) {
+    sink->stop_seen = 0;
+    sink->stop = stop;
+    sink->w = w;
+    if (spanset_init(&sink->set, (size_t)n / 16 + 64) < 0) { spanset_free(&sink->set); return -1; }
+    return 0;
+}
+
+static void sink_finish(WordSink *sink) {
+    spanset_free(&sink->set);
+    for (uint64_t seen = sink->stop_seen; seen; seen &= seen - 1) sink->w->stop_words++;
+}
+
+/* The word data[start:start+len] (characters of the given kind). */
+ALWAYS_INLINE int add_word(const int KIND, WordSink *sink, const void *data, Py_ssize_t start,
+                           Py_ssize_t len) {
+    Words *w = sink->w;
+    int added;
+    int64_t id = spanset_id(&sink->set, data, start * KIND, len * KIND, &added);
+    if (id < 0) return -1;
+    w->ids[w->count] = (uint32_t)id;
+    w->lengths[w->count] = (uint32_t)len;
+    w->count++;
+    w->chars += len;
+    if (len > w->longest) w->longest = len;
+    if (added) { /* a new distinct word: is it a stop word? */
+        const StopWords *stop = sink->stop;
+        for (int k = 0; k < stop->count; k++) {
+            if (stop->len[k] != len) continue;
+            Py_ssize_t j = 0;
+            while (j < len && stop->chars[k][j] == AT(KIND, data, start + j)) j++;
+            if (j == len) sink->stop_seen |= (uint64_t)1 << k;
         }
     }
-    spanset_free(&set);
-    for (; stop_seen; stop_seen &= stop_seen - 1) w->stop_words++;
+    return 0;
+}
+
+/* lowered.split(), for text that is not ASCII (ASCII text is split inside scan_text). */
+ALWAYS_INLINE int split_words(const int KIND, const void *data, Py_ssize_t n, WordSink *sink) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        while (i < n && is_space(KIND, AT(KIND, data, i))) i++;
+        if (i >= n) break;
+        Py_ssize_t start = i;
+        while (i < n && !is_space(KIND, AT(KIND, data, i))) i++;
+        if (add_word(KIND, sink, data, start, i - start) < 0) return -1;
+    }
     return 0;
 }
 
@@ -199,17 +248,30 @@ static int add_part(SpanSet *set, const char *base, int kind, Py_ssize_t start, 
     return 0;
 }
 
-ALWAYS_INLINE int scan_text(const int KIND, const void *data, Py_ssize_t n,
+/* With FUSED (ASCII text, whose lowered copy `low` has the same length and spaces), the words
+   of `low` are split in the same loop, saving a second pass over the characters. */
+ALWAYS_INLINE int scan_text(const int KIND, const int FUSED, const void *data, Py_ssize_t n,
                             const unsigned char *cls, const Py_UCS4 *bullets, int n_bullets,
-                            TextStats *st) {
+                            const void *low, WordSink *sink, TextStats *st) {
     const char *base = data;
     SpanSet lines = {0}, paragraphs = {0};
     int status = 0;
     if (spanset_init(&lines, 64) < 0 || spanset_init(&paragraphs, 16) < 0) status = -1;
     unsigned in_token = 0, token_has_letter = 0, unknown = 0;
     Py_ssize_t dots = 0, line_start = 0, para_start = 0, letterless = 0, symbols = 0;
+    Py_ssize_t word_start = -1;
     for (Py_ssize_t i = 0; i <= n && status == 0; i++) {
         Py_UCS4 c = i < n ? AT(KIND, data, i) : '\n'; /* the end closes the last line */
+        if (FUSED) { /* lowered.split() */
+            if (latin1_space[c]) {
+                if (word_start >= 0) {
+                    if (add_word(1, sink, low, word_start, i - word_start) < 0) { status = -1; break; }
+                    word_start = -1;
+                }
+            } else if (word_start < 0) {
+                word_start = i;
+            }
+        }
         /* a letterless word: `(?<!\S)[^\s\p{L}]+(?!\S)` of the regex module; branch-free,
            since a word boundary every few characters defeats the branch predictor */
         unsigned k = i < n ? cls[c] : CLASS_SPACE | CLASS_KNOWN;
@@ -289,21 +351,30 @@ static PyObject *prose_stats(PyObject *self, PyObject *args) {
     if (!w.ids || !w.lengths) { PyErr_NoMemory(); goto done; }
     const void *low = PyUnicode_DATA(lowered);
     int status;
-    switch (PyUnicode_KIND(lowered)) {
-    case 1: status = split_words(1, low, n_low, stop_words, &w); break;
-    case 2: status = split_words(2, low, n_low, stop_words, &w); break;
-    default: status = split_words(4, low, n_low, stop_words, &w); break;
-    }
-    if (status < 0) goto done;
-
+    StopWords stop;
+    unpack_stop_words(stop_words, &stop);
+    WordSink sink;
+    if (sink_init(&sink, n_low, &stop, &w) < 0) goto done;
     const void *data = PyUnicode_DATA(text);
     const unsigned char *cls = table.buf;
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    switch (PyUnicode_KIND(text)) {
-    case 1: status = scan_text(1, data, n, cls, bullets, n_bullets, &st); break;
-    case 2: status = scan_text(2, data, n, cls, bullets, n_bullets, &st); break;
-    default: status = scan_text(4, data, n, cls, bullets, n_bullets, &st); break;
+    if (PyUnicode_IS_ASCII(text) && PyUnicode_IS_ASCII(lowered) && n_low == n) {
+        status = scan_text(1, 1, data, n, cls, bullets, n_bullets, low, &sink, &st);
+    } else {
+        switch (PyUnicode_KIND(lowered)) {
+        case 1: status = split_words(1, low, n_low, &sink); break;
+        case 2: status = split_words(2, low, n_low, &sink); break;
+        default: status = split_words(4, low, n_low, &sink); break;
+        }
+        if (status == 0) {
+            switch (PyUnicode_KIND(text)) {
+            case 1: status = scan_text(1, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st); break;
+            case 2: status = scan_text(2, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st); break;
+            default: status = scan_text(4, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st); break;
+            }
+        }
     }
+    sink_finish(&sink);
     if (status < 0) goto done;
     if (st.unknown) { /* the caller fills the table in and asks again */
         result = Py_None;
@@ -460,6 +531,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastfilters",
                                     "C statistics for scratchlm.data.filters", -1, methods};
 
 PyMODINIT_FUNC PyInit__fastfilters(void) {
+    for (Py_UCS4 c = 0; c < 256; c++) latin1_space[c] = Py_UNICODE_ISSPACE(c) != 0;
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddIntConstant(m, "VERSION", VERSION) < 0) {
         Py_DECREF(m);
