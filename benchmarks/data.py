@@ -10,13 +10,16 @@ the Python standard library's source, and a BPE tokenizer trained on a slice of 
               workers), which a loaded machine skews less. Run twice: filters and dedup off
               (what the pipeline itself costs) and with the defaults (quality rules + exact
               dedup), with how much the rules removed.
+  rules       the default prose quality rules alone, in this process, over the --mb MB of
+              texts: CPU seconds per MB (time.process_time) of the readable Python reference
+              and of the C fast path, and whether every decision is the same.
   minhash     MinHash signatures + LSH queries/inserts over --mb MB in one process
               (target: 50 MB in under 60 s), with the candidate probabilities of the S-curve.
   memory      `prepare_dataset` over --memory-mb MB in a child process; the peak of the summed
               resident memory of it and its workers, sampled every 0.1 s (target < 1 GB).
 
 Not a test: the machine is shared, so timings are noisy; run it twice.
-Usage: python benchmarks/data.py [--quick] [--only throughput,minhash,memory] [--mb 50]
+Usage: python benchmarks/data.py [--quick] [--only throughput,rules,minhash,memory] [--mb 50]
 """
 
 from __future__ import annotations
@@ -142,6 +145,30 @@ def bench_throughput(mb: int, workers: int, vocab: int) -> dict:
     return results
 
 
+def bench_rules(mb: int) -> dict:
+    """CPU time of the prose rules (normalised texts, default thresholds): reference vs C path."""
+    from scratchlm.data import filters
+
+    texts = [filters.normalize_text(t) for t in read_texts(corpus(mb))]
+    text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    config = filters.FilterConfig()
+    result = {"mb": round(text_mb, 1), "docs": len(texts),
+              "extension_built": filters._fastfilters is not None}
+    decisions = {}
+    paths = [("reference", filters._check_prose)]
+    if filters._fastfilters is not None:
+        paths.append(("fast", filters._check_prose_fast))
+    for label, check in paths:
+        c0 = time.process_time()
+        decisions[label] = [check(text, config) for text in texts]
+        result[f"{label}_cpu_s_per_mb"] = round((time.process_time() - c0) / text_mb, 4)
+    if "fast" in decisions:
+        result["speedup"] = round(result["reference_cpu_s_per_mb"] / result["fast_cpu_s_per_mb"], 1)
+        result["same_decisions"] = decisions["fast"] == decisions["reference"]
+    result["removed"] = sum(d is not None for d in decisions["reference"])
+    return result
+
+
 def bench_minhash(mb: int) -> dict:
     from scratchlm.data.dedup import LSHIndex, MinHashConfig, MinHasher
 
@@ -220,7 +247,7 @@ def bench_memory(mb: int, workers: int, vocab: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (5 MB / 50 MB)")
-    parser.add_argument("--only", default="throughput,minhash,memory")
+    parser.add_argument("--only", default="throughput,rules,minhash,memory")
     parser.add_argument("--mb", type=int, default=None, help="throughput and minhash input size")
     parser.add_argument("--memory-mb", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
@@ -238,6 +265,12 @@ def main() -> None:
               f"{r['default']['mb_s']} MB/s = {r['default']['ratio_vs_encode_batch']}x "
               f"(target >= 0.8x); by CPU time: {r['plain']['cpu_ratio_vs_encode_batch']}x / "
               f"{r['default']['cpu_ratio_vs_encode_batch']}x", flush=True)
+    if "rules" in only:
+        report["rules"] = r = bench_rules(mb)
+        print(f"rules       {r['mb']} MB, 1 process: reference {r['reference_cpu_s_per_mb']} "
+              f"CPU-s/MB, C path {r.get('fast_cpu_s_per_mb', '(not built)')} CPU-s/MB "
+              f"({r.get('speedup', '-')}x), same decisions: {r.get('same_decisions', '-')}",
+              flush=True)
     if "minhash" in only:
         report["minhash"] = r = bench_minhash(mb)
         print(f"minhash     {r['mb']} MB in {r['seconds']} s = {r['mb_s']} MB/s, "
