@@ -161,7 +161,7 @@ def test_corpora_same_decisions(corpus_documents):
         fast = filters._check_prose_fast(text, FilterConfig())
         assert fast == filters._check_prose(text, FilterConfig())
         decisions[fast] += 1
-    for text in cut[:60]:
+    for text in cut[:40]:
         assert_same_decisions(text, default_and_tight_configs(text)[1:])
     assert decisions[None] and len(decisions) > 1  # both kept and removed documents were seen
 
@@ -205,13 +205,13 @@ def random_config(draw):
         reject_phrases=draw(maybe(st.just(("lorem ipsum",)))))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(text=st.one_of(prose_like(), st.text(max_size=300)))
 def test_generated_same_statistics(text):
     assert_same_stats(text, ngram_sizes=(2, 3, 4, 6))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(text=prose_like(), config=random_config())
 def test_generated_same_decisions(text, config):
     assert_same_decisions(text, [config, FilterConfig()])

@@ -1,10 +1,11 @@
 /* _fastfilters: the statistics of the prose quality rules (scratchlm/data/filters.py) in C.
  *
  * What it is for: one pass over a document's lowered text (its words) and one over the text
- * itself (letterless words, symbols, bullet/ellipsis lines, repeated lines and paragraphs)
- * compute every number the Gopher-style prose rules need, and two small functions count n-gram
- * repetition over interned n-gram ids (an n-gram's id from those of its two halves). filters.py applies the thresholds in the
- * same order as its readable Python reference, and tests hold the two to identical decisions.
+ * itself (letterless words, symbols, bullet/ellipsis lines, repeated lines and paragraphs; for
+ * ASCII text the two are one loop) compute every number the Gopher-style prose rules need, and
+ * small functions count n-gram repetition over interned n-gram ids (an n-gram's id from those
+ * of its two halves). filters.py applies the thresholds in the same order as its readable
+ * Python reference, and tests hold the two to identical decisions.
  * What it is not for: any decision (thresholds live in Python), code documents, normalisation,
  * deduplication.
  *
@@ -105,8 +106,8 @@ static int spanset_init(SpanSet *t, size_t expected) {
 /* The id (0-based, in order of first appearance) of the bytes base[start:start+len];
    *added says whether they are new. -1 when out of memory. The slot index and the stored tag
    both come from the high 32 bits of the hash (tables stay far below 2^32 slots). */
-static int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start, Py_ssize_t len,
-                          int *added) {
+ALWAYS_INLINE int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start,
+                                 Py_ssize_t len, int *added) {
     if (3 * ((size_t)t->used + 1) > 2 * (t->mask + 1) && spanset_alloc(t, 2 * (t->mask + 1)) < 0)
         return -1;
     uint64_t tag = hash_bytes((const unsigned char *)base + start, (size_t)len) >> 32;
@@ -123,7 +124,8 @@ static int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start, Py_ssi
         }
         if ((slot >> 32) == tag) {
             uint32_t id = (uint32_t)slot - 1;
-            if (t->lens[id] == len && memcmp(base + t->starts[id], base + start, (size_t)len) == 0) {
+            if (t->lens[id] == len &&
+                memcmp(base + t->starts[id], base + start, (size_t)len) == 0) {
                 *added = 0;
                 return id;
             }
@@ -265,7 +267,10 @@ ALWAYS_INLINE int scan_text(const int KIND, const int FUSED, const void *data, P
         if (FUSED) { /* lowered.split() */
             if (latin1_space[c]) {
                 if (word_start >= 0) {
-                    if (add_word(1, sink, low, word_start, i - word_start) < 0) { status = -1; break; }
+                    if (add_word(1, sink, low, word_start, i - word_start) < 0) {
+                        status = -1;
+                        break;
+                    }
                     word_start = -1;
                 }
             } else if (word_start < 0) {
@@ -301,7 +306,10 @@ ALWAYS_INLINE int scan_text(const int KIND, const int FUSED, const void *data, P
             if (last == 0x2026 || (len >= 3 && last == '.' && AT(KIND, data, i - 2) == '.' &&
                                    AT(KIND, data, i - 3) == '.'))
                 st->ellipsis_lines++;
-            if (add_part(&lines, base, KIND, line_start, len, &st->lines) < 0) { status = -1; break; }
+            if (add_part(&lines, base, KIND, line_start, len, &st->lines) < 0) {
+                status = -1;
+                break;
+            }
         }
         line_start = i + 1;
         /* a paragraph: [p.strip() for p in text.split("\n\n")], non-empty ones; a separator
@@ -366,13 +374,13 @@ static PyObject *prose_stats(PyObject *self, PyObject *args) {
         case 2: status = split_words(2, low, n_low, &sink); break;
         default: status = split_words(4, low, n_low, &sink); break;
         }
-        if (status == 0) {
-            switch (PyUnicode_KIND(text)) {
-            case 1: status = scan_text(1, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st); break;
-            case 2: status = scan_text(2, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st); break;
-            default: status = scan_text(4, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st); break;
-            }
-        }
+        int kind = PyUnicode_KIND(text);
+        if (status == 0 && kind == 1)
+            status = scan_text(1, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st);
+        else if (status == 0 && kind == 2)
+            status = scan_text(2, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st);
+        else if (status == 0)
+            status = scan_text(4, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st);
     }
     sink_finish(&sink);
     if (status < 0) goto done;

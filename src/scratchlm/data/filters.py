@@ -276,7 +276,8 @@ def _check_ngrams(words: list[str], word_chars: int, c: FilterConfig) -> str | N
         if top_count > 1:
             # Of equally frequent n-grams the longest counts: a choice by hash order would
             # make the decision depend on the process (str hashes are salted per process).
-            firsts = (int(np.argmax(keys == key)) for key in ordered[run_starts[counts == top_count]])
+            tops = ordered[run_starts[counts == top_count]]
+            firsts = (int(np.argmax(keys == key)) for key in tops)
             chars = max(len("".join(words[w:w + n])) for w in firsts) * top_count
             if chars / word_chars > limit:
                 return f"max_top_{n}gram_chars"
