@@ -34,7 +34,6 @@ import json
 import math
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
