@@ -8,6 +8,12 @@ alphabetic words, bullet/ellipsis lines, repeated lines, paragraphs and n-grams)
 markers). Every rule is switchable (a threshold of None turns it off) and its threshold is a
 field of `FilterConfig`. Cheap rules run first so a huge document is rejected before the costly
 ones. Not for deduplication or decontamination (see `dedup.py`, `decontaminate.py`).
+
+The prose rules have two implementations with identical decisions (tests hold them together):
+the readable reference (`_check_prose`: str methods, a regex and numpy), and a fast path
+(`_check_prose_fast`) that takes every statistic from the optional C extension `_fastfilters`
+(one pass over the text, n-grams interned exactly; ~5x less CPU per byte) and applies the same
+thresholds in the same order. `check_document` uses the fast path whenever it is built.
 """
 
 from __future__ import annotations
