@@ -5,7 +5,9 @@ The layers, bottom up:
   and an attention mask make each row see exactly what it would see alone), runs the prompt
   through the model once (prefill) into a preallocated `KVCache`, then decodes one token per row
   per step. Stop ids, `max_new_tokens` and `ignore_eos` end rows; rows that finish are dropped
-  from the batch so the rest decode faster. `use_cache=False` recomputes the whole sequence each
+  from the batch so the rest decode faster. One-token steps go through `fast_decode`'s fused,
+  pre-transposed weights when the model allows it (`fused=False` uses the model's forward).
+  `use_cache=False` recomputes the whole sequence each
   step (the slow reference path tests and benchmarks compare against).
 - `IncrementalDecoder` / `StopMatcher`: text level. Token bytes become text only once a UTF-8
   character is complete (an emoji spread over four byte tokens arrives whole), and text that
@@ -29,6 +31,7 @@ from typing import Iterator, Sequence
 import torch
 
 from scratchlm.errors import UserError
+from scratchlm.infer.fast_decode import fused_step_for
 from scratchlm.infer.sampling import GREEDY, Sampler, SamplingParams
 
 OVERFLOW_CHOICES = ("error", "truncate")
@@ -148,7 +151,8 @@ class BatchDecoder:
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
-                 stop_ids: Sequence[int] = (), use_cache: bool = True, pad_id: int = 0) -> None:
+                 stop_ids: Sequence[int] = (), use_cache: bool = True, pad_id: int = 0,
+                 fused: bool = True) -> None:
         if not prompts:
             raise UserError("no prompts given")
         limit = context_length(model)
@@ -171,6 +175,9 @@ class BatchDecoder:
         self.any_pad = bool((self.pad > 0).any())
         self.active = torch.arange(len(prompts), device=self.device)  # batch row -> original row
         self.cache = new_kv_cache(model, len(prompts), self.ids.shape[1] + max_new_tokens) if use_cache else None
+        # One-token steps through fused, pre-transposed weights where the model allows (see
+        # fast_decode: same numbers up to matmul rounding order, less CPU per token).
+        self.fused_step = fused_step_for(model) if use_cache and fused else None
         self.next_input: torch.Tensor | None = None  # [B, 1] token fed at the next step
         self.steps = 0
         if max_new_tokens == 0:
@@ -222,6 +229,8 @@ class BatchDecoder:
             logits = self.model(self.ids, kv_cache=self.cache, **self._padding_args(0, width))
             return logits[:, -1, :]
         start = self.cache.length
+        if self.fused_step is not None:
+            return self.fused_step(self.next_input, self.cache, **self._padding_args(start, 1))
         logits = self.model(self.next_input, kv_cache=self.cache, **self._padding_args(start, 1))
         return logits[:, -1, :]
 
@@ -254,10 +263,10 @@ class BatchDecoder:
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
-                 stop_ids: Sequence[int] = (), use_cache: bool = True) -> list[list[int]]:
+                 stop_ids: Sequence[int] = (), use_cache: bool = True, fused: bool = True) -> list[list[int]]:
     """Token ids generated for each prompt (stop ids not included)."""
     decoder = BatchDecoder(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                           stop_ids=stop_ids, use_cache=use_cache)
+                           stop_ids=stop_ids, use_cache=use_cache, fused=fused)
     while not decoder.done:
         decoder.step()
     return [r.tokens for r in decoder.rows]
