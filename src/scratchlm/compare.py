@@ -629,7 +629,10 @@ def write_report(spec, budget, seeds, plan, runs, summary, out_dir: Path, comman
     setup = report.section("Setup")
     if command:
         setup.code(command, "sh", "command")
-    setup.key_values([("variants file", str(spec.path)), ("base recipe", spec.recipe or "defaults"),
+    schedule = ("the run's steps are known, so the LR schedule decays over them" if budget.unit == "flops"
+                else "train.max_steps is unbounded, so a cosine schedule stays near its peak after warm-up")
+    setup.key_values([("budget per run", f"{budget.describe()} ({schedule})"),
+                      ("variants file", str(spec.path)), ("base recipe", spec.recipe or "defaults"),
                       ("shared overrides", _fmt_overrides(spec.base) or "none")]
                      + [(f"variant {v.name}", _fmt_overrides(v.overrides) or "(base only)")
                         for v in spec.variants])
