@@ -61,3 +61,20 @@ def test_fused_loss_inside_the_model_gives_the_models_gradients(preset):
     for name in g_plain:
         torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
     assert isinstance(model.lm_head, torch.nn.Linear)  # the head is back in place
+
+
+def test_fused_loss_is_exact_when_the_target_probability_underflows():
+    """-log p[target] from the softmax would be inf once p underflows fp32; those rows must take
+    the logsumexp route and still match the oracle (value and gradients)."""
+    g = torch.Generator().manual_seed(3)
+    h = (torch.randn(12, 8, generator=g) * 40).requires_grad_()
+    w = torch.randn(30, 8, generator=g, requires_grad=True)
+    logits = (h @ w.T).detach()
+    t = logits.argmin(dim=1)  # the least likely class: probabilities far below 1e-30
+    assert (torch.softmax(logits, -1).gather(1, t[:, None]) < 1e-30).any()
+    plain = F.cross_entropy(h @ w.T, t)
+    fused = fused_linear_cross_entropy(h, w, t, chunk_rows=5)
+    assert torch.isfinite(fused)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad(plain, (h, w)), torch.autograd.grad(fused, (h, w))):
+        torch.testing.assert_close(a, b)

@@ -17,6 +17,26 @@ DEFAULT_CHUNK_ROWS = 256
 CHUNK_ELEMENTS = 1 << 21  # logits per chunk: 8 MB in fp32, small enough to stay in cache
 
 
+# Probabilities below this are too close to fp32's smallest normal number for -log(p) to be
+# accurate (or finite); those rows take their loss from logsumexp instead.
+_TINY_PROB = 1e-30
+
+
+def _chunk_nll(logits, probs, targets, ok, all_valid: bool, acc_dtype) -> torch.Tensor:
+    """Sum of -log softmax(logits)[target] over the chunk's valid rows, from the probabilities."""
+    picked = probs.gather(1, targets[:, None]).squeeze(1)
+    tiny = picked < _TINY_PROB
+    nll = -torch.log(picked.clamp_min(_TINY_PROB))
+    if bool(tiny.any()):
+        rows = tiny.nonzero().squeeze(1)
+        exact = logits[rows].to(acc_dtype)
+        lse = torch.logsumexp(exact, dim=-1)
+        nll[rows] = lse - exact.gather(1, targets[rows, None]).squeeze(1)
+    if not all_valid:
+        nll = nll * ok
+    return nll.sum()
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, ignore_index):
@@ -24,6 +44,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         hc = h.to(compute_dtype)
         valid = targets != ignore_index
+        all_valid = bool(valid.all())
         count = max(1, int(valid.sum()))
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -35,23 +56,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             stop = min(n, start + chunk_rows)
             t = targets[start:stop]
             ok = valid[start:stop]
-            safe_t = torch.where(ok, t, torch.zeros_like(t))
-            logits = (hc[start:stop] @ w.T).to(acc_dtype)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - picked) * ok).sum()
+            safe_t = t if all_valid else torch.where(ok, t, torch.zeros_like(t))
+            logits = hc[start:stop] @ w.T
+            # one fused pass gives the probabilities, which are both the loss (-log p[target])
+            # and, less the one-hot, the gradient; a logsumexp first would read the logits twice
+            probs = torch.softmax(logits, dim=-1, dtype=acc_dtype)
+            total += _chunk_nll(logits, probs, safe_t, ok, all_valid, acc_dtype)
             if need_grad:
-                # d(mean loss)/d(logits) = (softmax - onehot) / count, zero on ignored rows
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d(sum loss)/d(logits) = softmax - onehot, zero on ignored rows; the 1/count of
+                # the mean is applied to the (much smaller) products below, not to this tensor
                 probs[torch.arange(stop - start, device=h.device), safe_t] -= 1.0
-                probs *= (ok.to(probs.dtype) / count)[:, None]
+                if not all_valid:
+                    probs *= ok.to(probs.dtype)[:, None]
                 g = probs.to(compute_dtype)
                 if grad_h is not None:
-                    grad_h[start:stop] = (g @ w).to(h.dtype)
+                    grad_h[start:stop] = (g @ w).to(h.dtype).div_(count)
                 if grad_w is not None:
                     grad_w += (g.T @ hc[start:stop]).to(grad_w.dtype)
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = grad_w.div_(count).to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
         return (total / count).to(torch.promote_types(h.dtype, acc_dtype))
 

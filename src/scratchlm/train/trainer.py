@@ -35,6 +35,7 @@ import torch
 
 from scratchlm.errors import UserError
 from scratchlm.files import atomic_write_bytes
+from scratchlm.train.cpu_alloc import keep_freed_memory
 from scratchlm.train.checkpoint import CheckpointManager, capture_rng_state, load_weights, restore_rng_state
 from scratchlm.train.optim import build_optimizer, set_lr_factor
 from scratchlm.train.schedule import schedule_from_config
@@ -159,6 +160,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def autocast_context(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
+    if device.type == "cpu":  # with the CPU's faster training attention (see model.layers)
+        from scratchlm.model.layers import bmm_causal_attention
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+        stack.enter_context(bmm_causal_attention())
+        return stack
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -384,6 +392,8 @@ def train(
     accum = accumulation_steps(cfg, strategy.data_world_size)
 
     torch.manual_seed(cfg.seed + strategy.rank)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations reuse freed heap instead of re-faulting fresh pages
     model.to(device)
     wrapped = strategy.wrap(model)
     optimizer = build_optimizer(model, cfg)
