@@ -81,7 +81,7 @@ def test_report_figures_come_from_the_run_files(run_dir):
         atomic_write_json(path, data)
         md = sr.build_report(run_dir, read_json(run_dir / sr.STATE_FILE)).to_markdown()
         assert "| base model val bpb | 7.654 |" in md
-        assert "| base model: docstring -> Python that parses | 3/7 (43%) |" in md
+        assert "| base model: docstring -> Python that parses | 3/7 (43%); ended by the model" in md
     finally:
         path.write_bytes(original)
     state = read_json(run_dir / sr.STATE_FILE)
@@ -173,6 +173,7 @@ def test_base_answer_stops_where_the_function_ends():
     # a continuation cut by the token limit loses its last, partial line
     assert sr.base_answer("    x = 1\n    return fo", hit_length=True) == "    x = 1"
     assert sr.body_parses(sr.base_answer(text, False))
+    assert sr.base_function_ended(text) and not sr.base_function_ended("    x = 1\n    y = 2")
     ast.parse("def f():\n" + sr.base_answer(text, False))
 
 

@@ -376,7 +376,7 @@ class Speedrun:
         step_tokens = t.micro_batch_size * t.seq_len if stage == "sft" else 2 * t.micro_batch_size * 300 * 1.2
         t.max_steps = max(5, int(tok_s * seconds * 0.8 / step_tokens))
         t.max_minutes = round(seconds * 1.2 / 60.0, 3)
-        t.lr = plan["train"]["lr"] / 4 if stage == "sft" else plan["train"]["lr"] / 40
+        t.lr = plan["train"]["lr"] if stage == "sft" else plan["train"]["lr"] / 40
         t.warmup_steps = max(2, t.max_steps // 20)
         t.eval_every = 0
         t.eval_batches = 8
@@ -626,6 +626,11 @@ def base_answer(continuation: str, hit_length: bool) -> str:
     return "\n".join(lines)
 
 
+def base_function_ended(continuation: str) -> bool:
+    """Whether a base model's continuation left the function (a top-level line followed it)."""
+    return any(line.strip() and not line[0].isspace() for line in continuation.split("\n"))
+
+
 def chat_answer(text: str, hit_length: bool) -> str:
     lines = text.split("\n")
     if hit_length and len(lines) > 1:
@@ -700,8 +705,14 @@ def evaluate_model(run_dir: Path, data_dir: Path, scale: BudgetScale = FULL_SCAL
         extract = base_answer
     answers = [extract(c.text, c.finish_reason == "length") for c in completions[:len(chosen)]]
     parsed = [body_parses(a) for a in answers]
+    # stricter: the model also ended the answer itself (a degenerate repetition cut by the token
+    # limit can parse, e.g. `x = x = x = ...`)
+    ended = [c.finish_reason == "stop" or (not chat and base_function_ended(c.text))
+             for c in completions[:len(chosen)]]
+    complete = [p and e for p, e in zip(parsed, ended)]
     out["docstring"] = {
         "prompts": len(chosen), "parsed": sum(parsed), "parse_rate": sum(parsed) / max(1, len(chosen)),
+        "complete_parsed": sum(complete), "complete_parse_rate": sum(complete) / max(1, len(chosen)),
         "max_new_tokens": scale.parse_max_tokens,
         "examples": [{"function": ex.qualname, "answer": a, "parses": p}
                      for ex, a, p in list(zip(chosen, answers, parsed))[:3]],
@@ -806,7 +817,9 @@ def summary_rows(out: Path, state: dict) -> list[list[Any]]:
     for name in ("base", "sft", "dpo"):
         if evals[name]:
             d = evals[name]["docstring"]
-            rows.append([f"{name} model: docstring -> Python that parses", f"{d['parsed']}/{d['prompts']} ({d['parse_rate']:.0%})"])
+            rows.append([f"{name} model: docstring -> Python that parses", f"{d['parsed']}/{d['prompts']} ({d['parse_rate']:.0%})"
+                         + (f"; ended by the model and parses: {d['complete_parsed']}/{d['prompts']}"
+                            if "complete_parsed" in d else "")])
     if evals["dpo"] and "reward_accuracy" in evals["dpo"]["preference"]:
         rows.append(["DPO reward accuracy (held-out pairs)", evals["dpo"]["preference"]["reward_accuracy"]])
     for row in quant["rows"]:
@@ -915,10 +928,13 @@ def build_report(out: Path, state: dict):
     s = report.section("Docstring to Python")
     s.paragraph("Each model is asked to implement held-out standard-library functions from their signature and "
                 "docstring (the base model as raw code, the chat models through the chat template); an answer "
-                "counts when it is a non-empty body that ast.parse accepts.")
-    s.table(["model", "prompts", "parses", "rate"],
-            [[name, ev["docstring"]["prompts"], ev["docstring"]["parsed"], ev["docstring"]["parse_rate"]]
-             for name, ev in evals.items() if ev])
+                "counts when it is a non-empty body that ast.parse accepts (an answer cut by the token limit "
+                "loses its last, partial line). The stricter count also asks that the model ended the answer "
+                "itself (end token, or the base model leaving the function), since a degenerate repetition "
+                "can parse.")
+    s.table(["model", "prompts", "parses", "rate", "ended by the model and parses"],
+            [[name, ev["docstring"]["prompts"], ev["docstring"]["parsed"], ev["docstring"]["parse_rate"],
+              ev["docstring"].get("complete_parsed")] for name, ev in evals.items() if ev])
     for name in ("base", "dpo"):
         if evals[name] and evals[name]["docstring"]["examples"]:
             ex = evals[name]["docstring"]["examples"][0]
