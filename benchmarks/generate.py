@@ -9,7 +9,10 @@ Greedy outputs are checked to be identical token for token before any timing is 
 A speculative-decoding line (a 2-layer draft of the same model family) reports acceptance rate
 and speed-up; with random weights the draft rarely agrees, so that line shows the overhead.
 
-    python benchmarks/generate.py [--threads 2] [--new-tokens 256] [--repeats 2]
+    python benchmarks/generate.py [--threads 2] [--new-tokens 256] [--repeats 2] [--unfused]
+
+Our decode steps run through `scratchlm.infer.fast_decode` (fused, pre-transposed weights);
+`--unfused` also times the model's own forward per step, interleaved with the others.
 
 Not a test: it prints tokens/s and ratios; docs/benchmarks.md records results.
 """
@@ -64,10 +67,10 @@ def best_times_interleaved(fns, repeats: int) -> list[tuple[float, object, float
     return best
 
 
-def ours(model, prompts, new_tokens, use_cache=True):
+def ours(model, prompts, new_tokens, use_cache=True, fused=True):
     from scratchlm.infer.generate import generate_ids
 
-    return generate_ids(model, prompts, max_new_tokens=new_tokens, use_cache=use_cache)
+    return generate_ids(model, prompts, max_new_tokens=new_tokens, use_cache=use_cache, fused=fused)
 
 
 @torch.inference_mode()
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--skip-no-cache", action="store_true")
     parser.add_argument("--skip-speculative", action="store_true")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time our decode through the model's own forward (fused=False)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -114,9 +119,11 @@ def main() -> None:
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = torch.randint(0, 8192, (batch, args.prompt_tokens), generator=g).tolist()
             ours(model, prompts, 4), theirs(hf, prompts, 4)  # warm-up
-            (t_ours, out_ours, cpu_ours), (t_hf, out_hf, cpu_hf) = best_times_interleaved(
-                [lambda: ours(model, prompts, args.new_tokens), lambda: theirs(hf, prompts, args.new_tokens)],
-                args.repeats)
+            fns = [lambda: ours(model, prompts, args.new_tokens), lambda: theirs(hf, prompts, args.new_tokens)]
+            if args.unfused:
+                fns.append(lambda: ours(model, prompts, args.new_tokens, fused=False))
+            timings = best_times_interleaved(fns, args.repeats)
+            (t_ours, out_ours, cpu_ours), (t_hf, out_hf, cpu_hf) = timings[:2]
             if dtype == torch.float32:
                 fp32_hf_time[batch] = (t_hf, cpu_hf)
             elif batch in fp32_hf_time:
@@ -133,6 +140,12 @@ def main() -> None:
             report(f"{dtype_name} batch {batch}: transformers", n / t_hf, 1.0, f"{n / cpu_hf:.1f} tokens/CPU-s")
             report(f"{dtype_name} batch {batch}: scratchlm", n / t_ours, t_hf / t_ours,
                    f"{n / cpu_ours:.1f} tokens/CPU-s = {cpu_hf / cpu_ours:.2f}x by CPU time; {same}")
+            if args.unfused:
+                t_uf, out_uf, cpu_uf = timings[2]
+                assert out_uf == out_ours, "fused and unfused decoding differ"
+                report(f"{dtype_name} batch {batch}: scratchlm unfused", n / t_uf, t_hf / t_uf,
+                       f"{n / cpu_uf:.1f} tokens/CPU-s = {cpu_hf / cpu_uf:.2f}x by CPU time; fused step "
+                       f"{cpu_uf / cpu_ours:.2f}x less CPU")
             if batch == 1 and dtype == torch.float32 and not args.skip_no_cache:
                 cpu_start = time.process_time()
                 t_nc, out_nc = best_time(lambda: ours(model, prompts, args.new_tokens, use_cache=False), 1)

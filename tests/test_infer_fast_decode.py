@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scratchlm.infer.fast_decode import FusedDecodeStep, fused_step_for, supports
-from scratchlm.infer.generate import generate_ids, new_kv_cache
+from scratchlm.infer.generate import BatchDecoder, generate_ids, new_kv_cache
 from scratchlm.model.config import model_config
 from scratchlm.model.transformer import Transformer
 
@@ -61,7 +61,10 @@ def test_fused_step_logits_equal_model_forward(preset, overrides):
 
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
-def test_fused_greedy_equals_unfused_batched_and_padded(preset):
+def test_fused_greedy_equals_unfused_batched_and_padded(preset, monkeypatch):
+    import scratchlm.infer.generate as gen
+
+    monkeypatch.setattr(gen, "FUSED_MAX_ROWS", len(PROMPTS))  # the whole padded batch goes fused
     model = make_model(preset, seed=4)
     fused = generate_ids(model, PROMPTS, max_new_tokens=24)
     plain = generate_ids(model, PROMPTS, max_new_tokens=24, fused=False)
@@ -101,3 +104,20 @@ def test_step_follows_weight_updates_and_leaves_the_model_alone():
         model, PROMPTS[:1], max_new_tokens=12, use_cache=False)
     assert set(model.state_dict()) == keys_before
     assert [id(p) for p in model.parameters()] == params_before
+
+
+def test_batch_shrinking_to_one_padded_row_switches_to_the_fused_step():
+    """Rows that stop early leave one row with pad columns: it decodes through the fused step
+    (positions and mask as the model would use) and still equals generating it alone."""
+    model = make_model("llama", seed=7)
+    alone = [generate_ids(model, [p], max_new_tokens=20, use_cache=False)[0] for p in PROMPTS]
+    stop = alone[0][3]  # ends the first row early; the others may stop on it too
+    expected = [generate_ids(model, [p], max_new_tokens=20, stop_ids=[stop], use_cache=False)[0]
+                for p in PROMPTS]
+    decoder = BatchDecoder(model, PROMPTS, max_new_tokens=20, stop_ids=[stop])
+    while not decoder.done:
+        decoder.step()
+    assert [r.tokens for r in decoder.rows] == expected
+    lengths = sorted(len(t) for t in expected)
+    assert lengths[-1] > lengths[-2] + 1, "the setup must leave one row decoding alone"
+    assert decoder.fused_step is not None

@@ -3,7 +3,7 @@
 Decoding one token per row is a chain of matrix-vector products whose cost is reading the weights.
 On CPU, `x @ Wt` with the weight stored transposed and contiguous (`[in, out]`) reads it markedly
 faster than `F.linear(x, W)` at batch 1 (measured ~25% less CPU for this model's projections, ~3x
-for an 8192-wide output head), and fusing q/k/v and gate/up into one matrix each halves the number
+for an 8192-wide output head; not at batch 8, see FUSED_MAX_ROWS), and fusing q/k/v and gate/up into one matrix each halves the number
 of matmul calls per layer. `FusedDecodeStep` holds such copies, built from a model's weights once,
 and runs `Transformer.forward` for one new token per row with them; everything else (embedding,
 positions, masks, norms, RoPE, attention, the KV cache) is the model's own code, so the result
@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.model.layers import apply_rope, attend
+
+# Batch sizes up to which the fused step is the faster path. Measured on the 2-core Zen 4 box
+# (docs/benchmarks.md, Inference): 1.30x less CPU per token at one row, but 0.92x (slower) at 8
+# rows, where MKL's small-M GEMM on `F.linear`'s layout beats `x @ Wt`.
+FUSED_MAX_ROWS = 1
 
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, FusedDecodeStep]" = weakref.WeakKeyDictionary()
 
