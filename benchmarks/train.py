@@ -4,7 +4,9 @@ What it measures, at one model shape (default: n_layer 4, n_head 4, d_model 256,
 batch 16, vocab 8192 -- the shape nanoGPT's train.py was measured at on this CPU, ~3,900 tok/s):
 1. throughput: tokens/s and MFU of scratchlm's training loop (its default precision here, bf16
    autocast on a CPU with native bf16) and of the reference loop written below (fp32, as
-   nanoGPT on a CPU), alternating A B A B so machine load hits both alike; medians reported;
+   nanoGPT on a CPU), alternating A B A B so machine load hits both alike; medians reported,
+   per wall-clock second and per CPU-second of this process (the figure a shared, loaded
+   machine distorts least; run with OMP_WAIT_POLICY=PASSIVE so idle threads do not spin);
 2. quality: each trains for the same wall-clock minutes on the same data, then both are scored
    by one function on the same validation windows: loss and bits per byte.
 
@@ -93,7 +95,7 @@ def reference_train(args, data_dir: Path, *, max_steps: int, budget_s: float, on
     for step in range(max_steps):
         if time.perf_counter() - start >= budget_s:
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lr = args.lr * _lr_factor(step, max_steps, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -104,7 +106,7 @@ def reference_train(args, data_dir: Path, *, max_steps: int, budget_s: float, on
         opt.step()
         opt.zero_grad(set_to_none=True)
         if on_step:
-            on_step(step + 1, x.numel(), time.perf_counter() - t0, loss.item())
+            on_step(step + 1, x.numel(), time.perf_counter() - t0, loss.item(), time.process_time() - c0)
     return model
 
 
@@ -209,31 +211,47 @@ def measure_throughput(args, data_dir: Path) -> dict:
     from scratchlm.train.trainer import estimate_peak_flops, resolve_dtype
 
     steps = args.warmup_steps + args.steps
-    ours, ref = [], []
+    ours, ref, ours_cpu, ref_cpu = [], [], [], []
     for r in range(args.repeats):
         times = []
         reference_train(args, data_dir, max_steps=steps, budget_s=math.inf,
-                        on_step=lambda s, n, dt, loss: times.append((s, n, dt)))
-        kept = [(n, dt) for s, n, dt in times if s > args.warmup_steps]
-        ref.append(sum(n for n, _ in kept) / sum(dt for _, dt in kept))
-        print(f"  round {r + 1}: reference {ref[-1]:,.0f} tok/s", file=sys.stderr)
+                        on_step=lambda s, n, dt, loss, cpu: times.append((s, n, dt, cpu)))
+        kept = [(n, dt, cpu) for s, n, dt, cpu in times if s > args.warmup_steps]
+        ref.append(sum(n for n, _, _ in kept) / sum(dt for _, dt, _ in kept))
+        ref_cpu.append(sum(n for n, _, _ in kept) / sum(cpu for _, _, cpu in kept))
+        print(f"  round {r + 1}: reference {ref[-1]:,.0f} tok/s, {ref_cpu[-1]:,.0f} tok per CPU-s",
+              file=sys.stderr)
 
-        records = []
-        scratchlm_train(args, data_dir, Path(args.work) / "run-speed", max_steps=steps, on_step=records.append)
-        kept = [rec for rec in records if rec["step"] > args.warmup_steps]
-        ours.append(sum(rec["tokens"] - prev["tokens"] for prev, rec in zip(records, records[1:])
-                        if rec["step"] > args.warmup_steps)
-                    / sum((rec["tokens"] - prev["tokens"]) / rec["tokens_per_sec"]
-                          for prev, rec in zip(records, records[1:]) if rec["step"] > args.warmup_steps))
-        print(f"  round {r + 1}: scratchlm {ours[-1]:,.0f} tok/s ({len(kept)} steps)", file=sys.stderr)
+        records, cpu_marks = [], []
+
+        def on_step(rec):  # CPU seconds between consecutive logged steps (log_every=1)
+            cpu_marks.append(time.process_time())
+            records.append(rec)
+
+        scratchlm_train(args, data_dir, Path(args.work) / "run-speed", max_steps=steps, on_step=on_step)
+        # a record with val_* was followed by an evaluation before on_step: its CPU interval is
+        # not training (tokens_per_sec, measured inside the loop, already leaves it out)
+        pairs = [(prev, rec, c1 - c0) for (prev, rec), (c0, c1)
+                 in zip(zip(records, records[1:]), zip(cpu_marks, cpu_marks[1:]))
+                 if rec["step"] > args.warmup_steps and not any(k.startswith("val_") for k in rec)]
+        tokens = sum(rec["tokens"] - prev["tokens"] for prev, rec, _ in pairs)
+        ours.append(tokens / sum((rec["tokens"] - prev["tokens"]) / rec["tokens_per_sec"] for prev, rec, _ in pairs))
+        ours_cpu.append(tokens / sum(cpu for _, _, cpu in pairs))
+        print(f"  round {r + 1}: scratchlm {ours[-1]:,.0f} tok/s, {ours_cpu[-1]:,.0f} tok per CPU-s "
+              f"({len(pairs)} steps)", file=sys.stderr)
     fpt = flops_per_token(args)
     device = torch.device("cpu")
     dtype = resolve_dtype(args.dtype, device)
     peak_ours, peak_ref = estimate_peak_flops(device, dtype), estimate_peak_flops(device, torch.float32)
     med_ours, med_ref = statistics.median(ours), statistics.median(ref)
+    cpu_ours, cpu_ref = statistics.median(ours_cpu), statistics.median(ref_cpu)
     return {
         "scratchlm_tok_s": med_ours, "reference_tok_s": med_ref, "ratio": med_ours / med_ref,
         "scratchlm_rounds": ours, "reference_rounds": ref,
+        # per CPU-second: what a loaded machine distorts least (it counts only time we ran)
+        "scratchlm_tok_per_cpu_s": cpu_ours, "reference_tok_per_cpu_s": cpu_ref,
+        "ratio_per_cpu_s": cpu_ours / cpu_ref,
+        "scratchlm_cpu_rounds": ours_cpu, "reference_cpu_rounds": ref_cpu,
         "scratchlm_mfu": med_ours * fpt / peak_ours, "reference_mfu": med_ref * fpt / peak_ref,
         "scratchlm_dtype": str(dtype).replace("torch.", ""), "flops_per_token": fpt,
         "peak_flops_scratchlm": peak_ours, "peak_flops_reference": peak_ref,
@@ -252,7 +270,7 @@ def measure_quality(args, data_dir: Path, speed: dict) -> dict:
     steps_ours = max(args.warmup + 1, int(speed["scratchlm_tok_s"] * budget / per_step))
     ref_steps = []
     ref_model = reference_train(args, data_dir, max_steps=steps_ref, budget_s=budget,
-                                on_step=lambda s, n, dt, loss: ref_steps.append(s))
+                                on_step=lambda s, n, dt, loss, cpu: ref_steps.append(s))
     ref_score = score(ref_model, data_dir, args, tokenizer)
     our_steps = []
     our_model = scratchlm_train(args, data_dir, Path(args.work) / "run-quality", max_steps=steps_ours,
@@ -299,6 +317,8 @@ def main(argv=None) -> int:
     print(f"scratchlm {speed['scratchlm_tok_s']:,.0f} tok/s ({speed['scratchlm_dtype']}, MFU "
           f"{speed['scratchlm_mfu']:.1%}) vs reference {speed['reference_tok_s']:,.0f} tok/s (fp32, MFU "
           f"{speed['reference_mfu']:.1%}): {speed['ratio']:.2f}x; {speed['vs_nanogpt_3900']:.2f}x nanoGPT's 3,900")
+    print(f"per CPU-second: scratchlm {speed['scratchlm_tok_per_cpu_s']:,.0f} vs reference "
+          f"{speed['reference_tok_per_cpu_s']:,.0f} tokens: {speed['ratio_per_cpu_s']:.2f}x")
     if args.minutes > 0:
         print(f"quality: {args.minutes} min each ...", file=sys.stderr)
         results["quality"] = q = measure_quality(args, data_dir, speed)
