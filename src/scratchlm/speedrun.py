@@ -499,22 +499,25 @@ def shape_name(cfg) -> str:
 
 
 def measure_throughput(cfg, micro_batch: int, seq_len: int, device, dtype, steps: int = 3) -> float:
-    """Training tokens per second of `cfg` here and now: a few AdamW steps on random tokens."""
+    """Training tokens per second of `cfg` here and now: a few steps on random tokens, through
+    the same loss, optimizer and precision context the trainer uses (so the plan is not skewed
+    by a slower stand-in: a small model's speed is mostly overheads the trainer has cut)."""
     import torch
-    import torch.nn.functional as F
 
+    from scratchlm.config import TrainConfig
     from scratchlm.model.transformer import Transformer
+    from scratchlm.train.optim import build_optimizer
+    from scratchlm.train.pretrain import next_token_loss_fused
     from scratchlm.train.trainer import autocast_context
 
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
 
     def step():
         with autocast_context(device, dtype):
-            logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            loss = next_token_loss_fused(model, tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
