@@ -99,6 +99,27 @@ def _split(items: list, val_specs, data_specs, fraction: float, seed: int, heldo
     return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
 
 
+def _read_examples(what: str, cfg, seed: int, read, build, unit: str, drop_reason: str, progress: bool):
+    """Read a stage's data (bad rows reported), cap it, split off the held-out part, and build
+    examples of both parts: (train examples, val examples). Shared by SFT and DPO."""
+    from scratchlm.posttrain.data import ReadReport
+
+    report = ReadReport()
+    items = read(cfg.data, strict=cfg.strict, report=report)
+    _report(report, what)
+    if cfg.max_examples:
+        items = items[: cfg.max_examples]
+    train_items, val_items = _split(items, cfg.val_data, cfg.data, cfg.val_fraction, seed,
+                                    lambda specs: read(specs, strict=cfg.strict))
+    train_examples, dropped = build(train_items)
+    val_examples, _ = build(val_items)
+    if dropped:
+        _warn(f"{dropped} {unit} {drop_reason}; dropped")
+    if progress:
+        _warn(f"{what}: {len(train_examples)} training {unit}, {len(val_examples)} held out")
+    return train_examples, val_examples
+
+
 def _report(report, what: str) -> None:
     for problem in report.problems:
         _warn(f"skipped {problem}")
@@ -145,7 +166,7 @@ def save_finetuned_run(out, model, tokenizer, config, stage: str, parent: str) -
 
 def run_sft(model_dir, out, config=None, *, on_step: Callable | None = None, progress: bool = True):
     """Fine-tune the run at `model_dir` on conversations; write the run dir `out`."""
-    from scratchlm.posttrain.data import ReadReport, load_conversations
+    from scratchlm.posttrain.data import load_conversations
     from scratchlm.posttrain.sft import SFTTask, build_examples
     from scratchlm.train.trainer import train
 
@@ -156,20 +177,10 @@ def run_sft(model_dir, out, config=None, *, on_step: Callable | None = None, pro
     _check_seq_len(config, model, SFT_TRAIN_DEFAULTS["seq_len"])
     cfg = config.sft
 
-    report = ReadReport()
-    conversations = load_conversations(cfg.data, strict=cfg.strict, report=report)
-    _report(report, "SFT")
-    if cfg.max_examples:
-        conversations = conversations[: cfg.max_examples]
-    train_convs, val_convs = _split(conversations, cfg.val_data, cfg.data, cfg.val_fraction, config.train.seed,
-                                    lambda specs: load_conversations(specs, strict=cfg.strict))
     seq_len = config.train.seq_len
-    train_examples, dropped = build_examples(tokenizer, train_convs, seq_len)
-    val_examples, _ = build_examples(tokenizer, val_convs, seq_len)
-    if dropped:
-        _warn(f"{dropped} conversations had no assistant token within train.seq_len={seq_len}; dropped")
-    if progress:
-        _warn(f"SFT: {len(train_examples)} training conversations, {len(val_examples)} held out")
+    train_examples, val_examples = _read_examples(
+        "SFT", cfg, config.train.seed, load_conversations, lambda items: build_examples(tokenizer, items, seq_len),
+        "conversations", f"had no assistant token within train.seq_len={seq_len}", progress)
 
     torch.manual_seed(config.train.seed)
     setup_lora(model, config.lora)
@@ -194,7 +205,7 @@ def _pad_id(tokenizer) -> int:
 
 def run_dpo(model_dir, out, config=None, *, on_step: Callable | None = None, progress: bool = True):
     """Align the run at `model_dir` (an SFT run) on preference pairs; write the run dir `out`."""
-    from scratchlm.posttrain.data import ReadReport, load_preference_pairs
+    from scratchlm.posttrain.data import load_preference_pairs
     from scratchlm.posttrain.dpo import DPOTask, build_pair_examples
     from scratchlm.train.trainer import train
 
@@ -206,20 +217,11 @@ def run_dpo(model_dir, out, config=None, *, on_step: Callable | None = None, pro
     model, tokenizer = parent.model, parent.tokenizer
     _check_seq_len(config, model, DPO_TRAIN_DEFAULTS["seq_len"])
 
-    report = ReadReport()
-    pairs = load_preference_pairs(cfg.data, strict=cfg.strict, report=report)
-    _report(report, "DPO")
-    if cfg.max_examples:
-        pairs = pairs[: cfg.max_examples]
-    train_pairs, val_pairs = _split(pairs, cfg.val_data, cfg.data, cfg.val_fraction, config.train.seed,
-                                    lambda specs: load_preference_pairs(specs, strict=cfg.strict))
     seq_len = config.train.seq_len
-    train_examples, dropped = build_pair_examples(tokenizer, train_pairs, seq_len)
-    val_examples, _ = build_pair_examples(tokenizer, val_pairs, seq_len)
-    if dropped:
-        _warn(f"{dropped} pairs had an answer entirely beyond train.seq_len={seq_len}; dropped")
-    if progress:
-        _warn(f"DPO: {len(train_examples)} training pairs, {len(val_examples)} held out")
+    train_examples, val_examples = _read_examples(
+        "DPO", cfg, config.train.seed, load_preference_pairs,
+        lambda items: build_pair_examples(tokenizer, items, seq_len),
+        "pairs", f"had an answer entirely beyond train.seq_len={seq_len}", progress)
 
     torch.manual_seed(config.train.seed)
     setup_lora(model, config.lora)  # adapters start at zero: the policy *is* the reference now
