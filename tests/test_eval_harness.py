@@ -5,6 +5,10 @@ to 1e-6 on accuracy, per example; the adapter's methods behave as lm_eval specif
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +152,54 @@ def test_registered_and_loads_a_run_dir(tmp_path):
         logp = model.eval()(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
     expected = sum(float(logp[p, ids[p + 1]]) for p in range(len(ids) - 1 - cont, len(ids) - 1))
     assert logprob == pytest.approx(expected, abs=1e-5)
+
+
+def tiny_run(run_dir):
+    """A 1-layer model saved as a run directory, with its tokenizer."""
+    from scratchlm.model.config import ModelConfig
+    from scratchlm.model.transformer import Transformer
+    from scratchlm.runs import save_run
+    from scratchlm.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["hello world, hello there"] * 4, vocab_size=270, progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=64))
+    save_run(run_dir, model, tok, {})
+    return model, tok
+
+
+def test_fresh_interpreter_registry_has_scratchlm_and_lm_evals_own_models():
+    """The installed .pth hook registers "scratchlm" lazily without hiding lm_eval's own types."""
+    probe = (
+        "import sys; from lm_eval.api.registry import get_model; "
+        "assert 'scratchlm.eval.lm_eval_adapter' not in sys.modules; "
+        "print(get_model('scratchlm').__module__, get_model('dummy').__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["scratchlm.eval.lm_eval_adapter", "DummyLM"]
+
+
+@pytest.mark.filterwarnings("ignore::scratchlm.eval.scoring.TruncationWarning")
+def test_lm_eval_command_line_runs_model_scratchlm(tmp_path, eval_dir):
+    """`lm_eval --model scratchlm --model_args path=RUN` (lm_eval's own console script) scores a
+    run dir, and its accuracy equals ours on the same task file."""
+    model, tok = tiny_run(tmp_path / "run")
+    small = eval_dir / "small"
+    tasks = [{"label": "piqa", "file": str(small / "piqa_small.jsonl"), "type": "multiple_choice"}]
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "tasks.json").write_text(json.dumps({"tasks": tasks}))
+    A.write_harness_tasks(tmp_path / "suite", tmp_path / "harness")
+    lm_eval_script = Path(sys.executable).with_name("lm_eval")
+    command = [str(lm_eval_script), "--model", "scratchlm", "--model_args", f"path={tmp_path / 'run'}",
+               "--batch_size", "4", "--include_path", str(tmp_path / "harness"), "--tasks", "scratchlm_piqa",
+               "--output_path", str(tmp_path / "out")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())["results"]["scratchlm_piqa"]
+    from scratchlm.eval.runner import evaluate
+
+    ours = evaluate(model.eval(), tok, tmp_path / "suite", progress=False)["tasks"]["piqa"]
+    assert theirs["acc,none"] == pytest.approx(ours["accuracy"], abs=1e-6)
+    assert theirs["acc_norm,none"] == pytest.approx(ours["accuracy_norm"], abs=1e-6)

@@ -12,8 +12,10 @@ suites as `lm_eval` tasks, so the two can be run side by side and shown to agree
 - `compare_with_harness` runs both and reports the differences, per task and per example
   (`scratchlm eval --harness`).
 
-`lm_eval` does not discover third-party model types, so run its CLI through this module:
-`python -m scratchlm.eval.lm_eval_adapter --model scratchlm --model_args path=RUN --tasks ...`.
+`lm_eval` does not discover third-party model types; the `.pth` hook installed with scratchlm
+(`scratchlm.lm_eval_plugin`) registers this class lazily, so lm_eval's own command line works:
+`lm_eval --model scratchlm --model_args path=RUN --tasks ...` (`python -m
+scratchlm.eval.lm_eval_adapter ...` does the same where the hook is not installed).
 `lm_eval` is optional: without it, this module imports, and using it raises a clear UserError.
 Not for our own scoring (see `scratchlm.eval.tasks`, `scratchlm.eval.bpb`).
 """
