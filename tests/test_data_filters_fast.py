@@ -5,7 +5,9 @@
 number computed with plain str methods, the `regex` module and Counter: on the shared corpora
 cut into documents of many sizes, and on hypothesis-generated text full of the cases that
 differ between definitions (non-ASCII letters and spaces, U+001C-U+001F, characters whose
-lower case is longer, astral letters, ellipses, bullets, blank and repeated lines).
+lower case is longer, astral letters, ellipses, bullets, blank and repeated lines), and on
+generated ASCII text, which takes the C side's own path (lowered there, read 8 bytes at a
+time: words around 8 and 16 bytes long, control characters, stop words in upper case).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ NO_LETTER_WORD = regex.compile(r"(?<!\S)[^\s\p{L}]+(?!\S)")
 
 
 # -- the statistics, the slow obvious way ------------------------------------------------------
-def oracle_stats(text: str) -> dict:
+PHRASES = ("lorem ipsum",)
+
+
+def oracle_stats(text: str, phrases=PHRASES) -> dict:
     lowered = text.lower()
     words = lowered.split()
     lines = [line for line in text.split("\n") if line]
@@ -49,6 +54,7 @@ def oracle_stats(text: str) -> dict:
         "paragraphs": len(paragraphs), "distinct_paragraphs": len(set(paragraphs)),
         "paragraph_chars": sum(map(len, paragraphs)),
         "distinct_paragraph_chars": sum(map(len, set(paragraphs))),
+        "phrase": any(phrase in lowered for phrase in phrases),
     }
 
 
@@ -69,15 +75,13 @@ def oracle_ngrams(words: list[str], n: int) -> tuple[int, int, int]:
 
 
 def fast_ngrams(stats, n: int) -> tuple[int, int, int]:
-    level = stats.ids
-    for a in range(1, n):  # one word at a time here; the filters combine halves
-        level = filters._fastfilters.combine_levels(level, stats.ids, a)
-    count, chars = filters._fastfilters.top_ngram(level, stats.lengths, n)
-    return count, chars, filters._fastfilters.repeated_ngram_chars(level, stats.lengths, n)
+    grams = filters._fastfilters.ngrams(stats.ids, stats.lengths)
+    count, chars = grams.top(n)
+    return count, chars, grams.repeated_chars(n)
 
 
-def assert_same_stats(text: str, ngram_sizes=(2, 3, 5, 10)) -> None:
-    stats = filters.prose_stats(text)
+def assert_same_stats(text: str, ngram_sizes=(1, 2, 3, 5, 10)) -> None:
+    stats = filters.prose_stats(text, PHRASES)
     expected = oracle_stats(text)
     assert {k: getattr(stats, k) for k in expected} == expected
     words = text.lower().split()
@@ -147,7 +151,7 @@ def test_fast_path_is_the_default_when_built():
 def test_corpora_same_statistics(corpus_documents):
     texts, cut = corpus_documents
     for text in texts:  # whole plays and novels: n-grams by the vectorised reference below
-        stats = filters.prose_stats(text)
+        stats = filters.prose_stats(text, PHRASES)
         expected = oracle_stats(text)
         assert {k: getattr(stats, k) for k in expected} == expected
     for text in cut[:100]:
@@ -228,3 +232,62 @@ def test_tied_top_ngrams_count_the_longest():
                              "max_top_ngram_chars": {2: limit}})
     assert filters._check_prose(text, config) == "max_top_2gram_chars"
     assert filters._check_prose_fast(text, config) == "max_top_2gram_chars"
+
+
+# -- ASCII text, the C side's own path ---------------------------------------------------------
+ASCII_TOKENS = ["the", "THE", "The", "and", "AND", "of", "to", "be", "that", "with", "have",
+                "cat", "dog", "sat", "extraordinary", "abcdefgh", "abcdefghi", "ABCDEFGHIJKLMNOP",
+                "abcdefghijklmnopq", "42", "3.14", "...", "....", "......", "#", "#tag", "x#y#",
+                "-", "*", "--", "(a)", "x...", "lorem", "LOREM", "ipsum", "!!", "a", "I",
+                "the\x00", "\x01", "a\x08b", "with\x7f", "{}", "@user", "Z", "[z]"]
+ASCII_SEPARATORS = [" ", " ", " ", "  ", "\n", "\n", "\n\n", "\n\n\n", "\t", " \n", "\n ",
+                    "\r", "\x0b", "\x0c", "\x1c", "\x1f", "\n \n"]
+
+
+@st.composite
+def ascii_prose(draw):
+    vocab = draw(st.lists(st.sampled_from(ASCII_TOKENS), min_size=1, max_size=14, unique=True))
+    separators = draw(st.sampled_from([ASCII_SEPARATORS, [" ", "\n", "\n\n"]]))
+    pieces = []
+    for _ in range(draw(st.integers(0, 200))):
+        pieces.append(draw(st.sampled_from(vocab)))
+        pieces.append(draw(st.sampled_from(separators)))
+    if draw(st.booleans()):  # repeated lines, paragraphs and n-grams
+        block = "".join(pieces[: draw(st.integers(0, len(pieces)))])
+        pieces.append(block * draw(st.integers(1, 3)))
+    return draw(st.sampled_from(["", "\n", "- ", " ", "* "])) + "".join(pieces)
+
+
+@settings(max_examples=120, deadline=None)
+@given(text=st.one_of(ascii_prose(), st.text(st.characters(max_codepoint=127), max_size=300)))
+def test_generated_ascii_same_statistics(text):
+    assert text.isascii()
+    assert_same_stats(text, ngram_sizes=(1, 2, 3, 4, 5, 7))
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=ascii_prose(), config=random_config())
+def test_generated_ascii_same_decisions(text, config):
+    assert_same_decisions(text, [config, FilterConfig()])
+
+
+@pytest.mark.parametrize("text", ["Lorem Ipsum dolor", "LOREM IPSUM", "lorem  ipsum",
+                                  "Straße lorem ipsum", "no such words", ""])
+@pytest.mark.parametrize("phrases", [(), ("lorem ipsum",), ("Lorem Ipsum",), ("",),
+                                     ("straße",), ("dolor", "lorem ipsum")])
+def test_phrases_as_in_the_lowered_text(text, phrases):
+    """A phrase counts as `phrase in text.lower()` does: as given (so upper case never matches),
+    the empty phrase always, a non-ASCII one never in ASCII text."""
+    expected = any(phrase in text.lower() for phrase in phrases)
+    assert filters.prose_stats(text, phrases).phrase == expected
+
+
+def test_ngrams_refuses_bad_input():
+    ngrams = filters._fastfilters.ngrams
+    with pytest.raises(ValueError):
+        ngrams(b"\x00" * 8, b"\x00" * 4)  # ids and lengths of different counts
+    with pytest.raises(ValueError):
+        ngrams((5).to_bytes(4, "little"), (1).to_bytes(4, "little"))  # an id >= word count
+    with pytest.raises(ValueError):
+        ngrams(b"", b"").top(0)
+    assert ngrams(b"", b"").top(2) == (0, 0) and ngrams(b"", b"").repeated_chars(3) == 0

@@ -1,26 +1,32 @@
 /* _fastfilters: the statistics of the prose quality rules (scratchlm/data/filters.py) in C.
  *
- * What it is for: one pass over a document's lowered text (its words) and one over the text
- * itself (letterless words, symbols, bullet/ellipsis lines, repeated lines and paragraphs; for
- * ASCII text the two are one loop) compute every number the Gopher-style prose rules need, and
- * small functions count n-gram repetition over interned n-gram ids (an n-gram's id from those
- * of its two halves). filters.py applies the thresholds in the same order as its readable
- * Python reference, and tests hold the two to identical decisions.
+ * What it is for: one pass over a document computes every number the Gopher-style prose rules
+ * need (words of its lowered text, stop words, letterless words, symbols, bullet/ellipsis lines,
+ * repeated lines and paragraphs, whether a rejected phrase occurs), and an `Ngrams` object
+ * counts the n-gram repetition of its words. filters.py applies the thresholds in the same order
+ * as its readable Python reference, and tests hold the two to identical decisions.
  * What it is not for: any decision (thresholds live in Python), code documents, normalisation,
  * deduplication.
  *
- * Exactness: words, lines and paragraphs are compared by content (a hash finds candidates,
- * memcmp confirms) and n-grams are interned pair by pair, so no hash collision can change a
- * result. Whitespace for str.split/strip is Py_UNICODE_ISSPACE, as in CPython; the letter and
- * whitespace classes of the `regex` module (newer Unicode than CPython's) come in as a table of
- * one byte per code point filled in by filters.py from `regex` itself.
+ * Speed: ASCII text (nearly all of it in practice) is lowered here, 8 bytes at a time, into a
+ * padded scratch copy, and scanned a word at a time: Python's str.lower is not needed, and the
+ * words are hashed and compared with whole 8-byte loads. Other text takes a general
+ * character-at-a-time path over the lowered copy Python gives. N-grams are hashed only where
+ * they can repeat: an n-gram occurs twice only if each of its words does (n <= 2) or each of
+ * its bigrams does (n >= 3), so most positions of a document are skipped.
+ *
+ * Exactness: words, lines, paragraphs and n-grams are compared by content (a hash finds
+ * candidates, a comparison confirms), so no hash collision can change a result. Whitespace for
+ * str.split/strip is Py_UNICODE_ISSPACE, as in CPython; the letter and whitespace classes of
+ * the `regex` module (newer Unicode than CPython's) come in as a table of one byte per code
+ * point filled in by filters.py from `regex` itself.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
-#define VERSION 3
+#define VERSION 4
 #define CLASS_LETTER 1 /* table flags, one byte per code point */
 #define CLASS_SPACE 2
 #define CLASS_KNOWN 4 /* the entry is filled in */
@@ -52,6 +58,47 @@ static uint64_t hash_bytes(const unsigned char *p, size_t len) {
     v = 0;
     for (size_t k = 0; k < len; k++) v |= (uint64_t)p[k] << (8 * k); /* no memcpy call */
     return mix64(h ^ v);
+}
+
+/* The lowest `len` bytes (1..8) of a little-endian 8-byte load; the highest on big-endian. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define FIRST_BYTES(len) (~0ULL << (64 - 8 * (len)))
+#else
+#define FIRST_BYTES(len) (~0ULL >> (64 - 8 * (len)))
+#endif
+#define PADDING 16 /* bytes past the end of a scratch copy that whole 8-byte loads may touch */
+
+/* hash_bytes for 1 <= len bytes of a padded buffer: the last load is masked, no byte loop. */
+ALWAYS_INLINE uint64_t hash_padded(const unsigned char *p, size_t len) {
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ (len * 0x100000001b3ULL), v;
+    for (; len > 8; p += 8, len -= 8) {
+        memcpy(&v, p, 8);
+        h = (h ^ v) * 0x87c37b91114253d5ULL;
+        h ^= h >> 29;
+    }
+    memcpy(&v, p, 8);
+    return mix64(h ^ (v & FIRST_BYTES(len)));
+}
+
+/* memcmp(a, b, len) == 0 for 1 <= len bytes of a padded buffer, inline. */
+ALWAYS_INLINE int equal_padded(const unsigned char *a, const unsigned char *b, size_t len) {
+    uint64_t x, y;
+    for (; len > 8; a += 8, b += 8, len -= 8) {
+        memcpy(&x, a, 8);
+        memcpy(&y, b, 8);
+        if (x != y) return 0;
+    }
+    memcpy(&x, a, 8);
+    memcpy(&y, b, 8);
+    return ((x ^ y) & FIRST_BYTES(len)) == 0;
+}
+
+/* ASCII upper case to lower case, 8 bytes at a time (every byte below 0x80, so no carries):
+   a byte gets 0x20 added iff 'A' <= byte <= 'Z', exactly what str.lower does to ASCII. */
+ALWAYS_INLINE uint64_t ascii_lower8(uint64_t v) {
+    uint64_t at_least_A = v + 0x3f3f3f3f3f3f3f3fULL;  /* high bit set iff byte >= 0x41 */
+    uint64_t above_Z = v + 0x2525252525252525ULL;     /* high bit set iff byte >= 0x5b */
+    return v | (((at_least_A & ~above_Z) & 0x8080808080808080ULL) >> 2);
 }
 
 /* -- a set of spans of one string, compared by content ------------------------------------ */
@@ -106,11 +153,12 @@ static int spanset_init(SpanSet *t, size_t expected) {
 /* The id (0-based, in order of first appearance) of the bytes base[start:start+len];
    *added says whether they are new. -1 when out of memory. The slot index and the stored tag
    both come from the high 32 bits of the hash (tables stay far below 2^32 slots). */
-ALWAYS_INLINE int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start,
-                                 Py_ssize_t len, int *added) {
+ALWAYS_INLINE int64_t spanset_id_of(const int PADDED, SpanSet *t, const char *base,
+                                    Py_ssize_t start, Py_ssize_t len, int *added) {
     if (3 * ((size_t)t->used + 1) > 2 * (t->mask + 1) && spanset_alloc(t, 2 * (t->mask + 1)) < 0)
         return -1;
-    uint64_t tag = hash_bytes((const unsigned char *)base + start, (size_t)len) >> 32;
+    const unsigned char *span = (const unsigned char *)base + start;
+    uint64_t tag = (PADDED ? hash_padded(span, (size_t)len) : hash_bytes(span, (size_t)len)) >> 32;
     size_t i = (size_t)tag & t->mask;
     for (;;) {
         uint64_t slot = t->slots[i];
@@ -124,8 +172,10 @@ ALWAYS_INLINE int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start,
         }
         if ((slot >> 32) == tag) {
             uint32_t id = (uint32_t)slot - 1;
+            const unsigned char *seen = (const unsigned char *)base + t->starts[id];
             if (t->lens[id] == len &&
-                memcmp(base + t->starts[id], base + start, (size_t)len) == 0) {
+                (PADDED ? equal_padded(seen, span, (size_t)len)
+                        : memcmp(seen, span, (size_t)len) == 0)) {
                 *added = 0;
                 return id;
             }
@@ -133,6 +183,8 @@ ALWAYS_INLINE int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start,
         i = (i + 1) & t->mask;
     }
 }
+
+#define spanset_id(t, base, start, len, added) spanset_id_of(0, t, base, start, len, added)
 
 /* -- words of the lowered text: lowered.split() ---------------------------------------------- */
 typedef struct {
@@ -147,16 +199,29 @@ typedef struct {
     int count;
     Py_ssize_t len[MAX_STOP_WORDS];
     Py_UCS4 chars[MAX_STOP_WORDS][MAX_STOP_LEN];
+    uint64_t packed[MAX_STOP_WORDS]; /* ASCII ones of at most 8 letters, as an 8-byte load */
+    Py_ssize_t packed_len[MAX_STOP_WORDS]; /* their length; -1 for the others */
+    uint64_t ascii_lengths;          /* bit L: some such stop word has L letters */
 } StopWords;
 
 static void unpack_stop_words(PyObject *tuple, StopWords *sw) {
     sw->count = 0;
+    sw->ascii_lengths = 0;
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(tuple) && k < MAX_STOP_WORDS; k++) {
         PyObject *word = PyTuple_GET_ITEM(tuple, k);
         Py_ssize_t len = PyUnicode_GET_LENGTH(word);
         sw->len[k] = len <= MAX_STOP_LEN ? len : -1; /* longer ones never match (checked) */
         for (Py_ssize_t j = 0; j < len && j < MAX_STOP_LEN; j++)
             sw->chars[k][j] = PyUnicode_READ_CHAR(word, j);
+        sw->packed[k] = 0;
+        sw->packed_len[k] = -1;
+        if (PyUnicode_IS_ASCII(word) && len >= 1 && len <= 8) {
+            sw->packed_len[k] = len;
+            unsigned char bytes[8] = {0};
+            memcpy(bytes, PyUnicode_DATA(word), (size_t)len);
+            memcpy(&sw->packed[k], bytes, 8);
+            sw->ascii_lengths |= 1ULL << len;
+        }
         sw->count++;
     }
 }
@@ -189,19 +254,29 @@ static void sink_finish(WordSink *sink) {
     for (uint64_t seen = sink->stop_seen; seen; seen &= seen - 1) sink->w->stop_words++;
 }
 
-/* The word data[start:start+len] (characters of the given kind). */
-ALWAYS_INLINE int add_word(const int KIND, WordSink *sink, const void *data, Py_ssize_t start,
-                           Py_ssize_t len) {
+/* The word data[start:start+len] (characters of the given kind; PADDED: of a padded ASCII
+   scratch copy, see hash_padded). */
+ALWAYS_INLINE int add_word_of(const int KIND, const int PADDED, WordSink *sink, const void *data,
+                              Py_ssize_t start, Py_ssize_t len) {
     Words *w = sink->w;
     int added;
-    int64_t id = spanset_id(&sink->set, data, start * KIND, len * KIND, &added);
+    int64_t id = spanset_id_of(PADDED, &sink->set, data, start * KIND, len * KIND, &added);
     if (id < 0) return -1;
     w->ids[w->count] = (uint32_t)id;
     w->lengths[w->count] = (uint32_t)len;
     w->count++;
     w->chars += len;
     if (len > w->longest) w->longest = len;
-    if (added) { /* a new distinct word: is it a stop word? */
+    if (added && PADDED && len <= 8) { /* a new distinct ASCII word: is it a stop word? */
+        const StopWords *stop = sink->stop;
+        if (!(stop->ascii_lengths & (1ULL << len))) return 0;
+        uint64_t v;
+        memcpy(&v, (const unsigned char *)data + start, 8);
+        v &= FIRST_BYTES(len);
+        for (int k = 0; k < stop->count; k++)
+            if (stop->packed_len[k] == len && stop->packed[k] == v)
+                sink->stop_seen |= (uint64_t)1 << k;
+    } else if (added) { /* a new distinct word: is it a stop word? */
         const StopWords *stop = sink->stop;
         for (int k = 0; k < stop->count; k++) {
             if (stop->len[k] != len) continue;
@@ -213,7 +288,7 @@ ALWAYS_INLINE int add_word(const int KIND, WordSink *sink, const void *data, Py_
     return 0;
 }
 
-/* lowered.split(), for text that is not ASCII (ASCII text is split inside scan_text). */
+/* lowered.split() on the general path (ASCII text is split inside scan_ascii). */
 ALWAYS_INLINE int split_words(const int KIND, const void *data, Py_ssize_t n, WordSink *sink) {
     Py_ssize_t i = 0;
     while (i < n) {
@@ -221,7 +296,7 @@ ALWAYS_INLINE int split_words(const int KIND, const void *data, Py_ssize_t n, Wo
         if (i >= n) break;
         Py_ssize_t start = i;
         while (i < n && !is_space(KIND, AT(KIND, data, i))) i++;
-        if (add_word(KIND, sink, data, start, i - start) < 0) return -1;
+        if (add_word_of(KIND, 0, sink, data, start, i - start) < 0) return -1;
     }
     return 0;
 }
@@ -250,33 +325,66 @@ static int add_part(SpanSet *set, const char *base, int kind, Py_ssize_t start, 
     return 0;
 }
 
-/* With FUSED (ASCII text, whose lowered copy `low` has the same length and spaces), the words
-   of `low` are split in the same loop, saving a second pass over the characters. */
-ALWAYS_INLINE int scan_text(const int KIND, const int FUSED, const void *data, Py_ssize_t n,
+/* Lines and paragraphs of the text, as they end. */
+typedef struct {
+    SpanSet lines, paragraphs;
+    Py_ssize_t line_start, para_start;
+    const Py_UCS4 *bullets;
+    int n_bullets;
+} LineState;
+
+static int lines_init(LineState *ls, const Py_UCS4 *bullets, int n_bullets) {
+    memset(ls, 0, sizeof *ls);
+    ls->bullets = bullets;
+    ls->n_bullets = n_bullets;
+    return spanset_init(&ls->lines, 64) < 0 || spanset_init(&ls->paragraphs, 16) < 0 ? -1 : 0;
+}
+
+static void lines_free(LineState *ls) {
+    spanset_free(&ls->lines);
+    spanset_free(&ls->paragraphs);
+}
+
+/* A newline at i (or the end of the text, i == n) ends the line data[line_start:i]: a line of
+   text.split("\n"), blank ones counting for nothing; and maybe a paragraph,
+   [p.strip() for p in text.split("\n\n")], non-empty ones. A separator found at i-1 may not
+   reuse the newline that ended the previous paragraph. */
+ALWAYS_INLINE int end_line(const int KIND, const void *data, Py_ssize_t i, Py_ssize_t n,
+                           LineState *ls, TextStats *st) {
+    Py_ssize_t len = i - ls->line_start;
+    if (len > 0) {
+        Py_UCS4 first = AT(KIND, data, ls->line_start), last = AT(KIND, data, i - 1);
+        for (int b = 0; b < ls->n_bullets; b++) {
+            if (first == ls->bullets[b]) { st->bullet_lines++; break; }
+        }
+        if (last == 0x2026 || (len >= 3 && last == '.' && AT(KIND, data, i - 2) == '.' &&
+                               AT(KIND, data, i - 3) == '.'))
+            st->ellipsis_lines++;
+        if (add_part(&ls->lines, data, KIND, ls->line_start, len, &st->lines) < 0) return -1;
+    }
+    ls->line_start = i + 1;
+    int separator = i < n && i - 1 >= ls->para_start && AT(KIND, data, i - 1) == '\n';
+    if (separator || i == n) {
+        Py_ssize_t a = ls->para_start, b = separator ? i - 1 : n;
+        while (a < b && Py_UNICODE_ISSPACE(AT(KIND, data, a))) a++;
+        while (b > a && Py_UNICODE_ISSPACE(AT(KIND, data, b - 1))) b--;
+        if (b > a && add_part(&ls->paragraphs, data, KIND, a, b - a, &st->paragraphs) < 0)
+            return -1;
+        ls->para_start = i + 1;
+    }
+    return 0;
+}
+
+/* The general path: everything but the words, a character at a time, for text of any kind. */
+ALWAYS_INLINE int scan_text(const int KIND, const void *data, Py_ssize_t n,
                             const unsigned char *cls, const Py_UCS4 *bullets, int n_bullets,
-                            const void *low, WordSink *sink, TextStats *st) {
-    const char *base = data;
-    SpanSet lines = {0}, paragraphs = {0};
-    int status = 0;
-    if (spanset_init(&lines, 64) < 0 || spanset_init(&paragraphs, 16) < 0) status = -1;
+                            TextStats *st) {
+    LineState ls;
+    int status = lines_init(&ls, bullets, n_bullets);
     unsigned in_token = 0, token_has_letter = 0, unknown = 0;
-    Py_ssize_t dots = 0, line_start = 0, para_start = 0, letterless = 0, symbols = 0;
-    Py_ssize_t word_start = -1;
+    Py_ssize_t dots = 0, letterless = 0, symbols = 0;
     for (Py_ssize_t i = 0; i <= n && status == 0; i++) {
         Py_UCS4 c = i < n ? AT(KIND, data, i) : '\n'; /* the end closes the last line */
-        if (FUSED) { /* lowered.split() */
-            if (latin1_space[c]) {
-                if (word_start >= 0) {
-                    if (add_word(1, sink, low, word_start, i - word_start) < 0) {
-                        status = -1;
-                        break;
-                    }
-                    word_start = -1;
-                }
-            } else if (word_start < 0) {
-                word_start = i;
-            }
-        }
         /* a letterless word: `(?<!\S)[^\s\p{L}]+(?!\S)` of the regex module; branch-free,
            since a word boundary every few characters defeats the branch predictor */
         unsigned k = i < n ? cls[c] : CLASS_SPACE | CLASS_KNOWN;
@@ -295,80 +403,201 @@ ALWAYS_INLINE int scan_text(const int KIND, const int FUSED, const void *data, P
             dots = 0;
         }
         symbols += (c == '#') | (c == 0x2026);
-        if (c != '\n') continue;
-        /* a line: text.split("\n"); blank ones count for nothing */
-        Py_ssize_t len = i - line_start;
-        if (len > 0) {
-            Py_UCS4 first = AT(KIND, data, line_start), last = AT(KIND, data, i - 1);
-            for (int b = 0; b < n_bullets; b++) {
-                if (first == bullets[b]) { st->bullet_lines++; break; }
-            }
-            if (last == 0x2026 || (len >= 3 && last == '.' && AT(KIND, data, i - 2) == '.' &&
-                                   AT(KIND, data, i - 3) == '.'))
-                st->ellipsis_lines++;
-            if (add_part(&lines, base, KIND, line_start, len, &st->lines) < 0) {
-                status = -1;
-                break;
-            }
-        }
-        line_start = i + 1;
-        /* a paragraph: [p.strip() for p in text.split("\n\n")], non-empty ones; a separator
-           found at i-1 may not reuse the newline that ended the previous one */
-        int separator = i < n && i - 1 >= para_start && AT(KIND, data, i - 1) == '\n';
-        if (separator || i == n) {
-            Py_ssize_t a = para_start, b = separator ? i - 1 : n;
-            while (a < b && Py_UNICODE_ISSPACE(AT(KIND, data, a))) a++;
-            while (b > a && Py_UNICODE_ISSPACE(AT(KIND, data, b - 1))) b--;
-            if (b > a && add_part(&paragraphs, base, KIND, a, b - a, &st->paragraphs) < 0) {
-                status = -1;
-                break;
-            }
-            para_start = i + 1;
-        }
+        if (c == '\n') status = end_line(KIND, data, i, n, &ls, st);
     }
     st->unknown = (unknown & CLASS_KNOWN) != 0;
     st->letterless = letterless; /* locals above: no store through a pointer per character */
     st->symbols = symbols;
-    spanset_free(&lines);
-    spanset_free(&paragraphs);
+    lines_free(&ls);
     return status;
 }
 
+/* -- the ASCII path -------------------------------------------------------------------------- */
+#define A_SPACE 1  /* str.isspace */
+#define A_RARE 2   /* a newline, or a space where str.isspace and regex's \s differ (U+001C-U+001F) */
+#define USE_GENERAL_PATH 1
+#define BYTES(x) (0x0101010101010101ULL * (x))
+
+/* The lowered copy of ASCII text, with PADDING bytes after it: a space first, then zeros. */
+static unsigned char *ascii_lowered_copy(const unsigned char *data, Py_ssize_t n) {
+    unsigned char *low = PyMem_Malloc((size_t)n + PADDING);
+    if (!low) return NULL;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t v;
+        memcpy(&v, data + i, 8);
+        v = ascii_lower8(v);
+        memcpy(low + i, &v, 8);
+    }
+    for (; i < n; i++) low[i] = data[i] + ((unsigned)(data[i] - 'A') < 26u ? 32 : 0);
+    memset(low + n, 0, PADDING);
+    low[n] = ' '; /* a sentinel: a word ends there */
+    return low;
+}
+
+/* Whether the character table says of ASCII what scan_ascii assumes: letters are A-Z and a-z,
+   the regex module's \s is str.isspace less U+001C-U+001F, and every byte at most 0x20 that
+   is not a space (a control character) is no letter either. */
+static int ascii_classes_as_assumed(const unsigned char *cls) {
+    for (int c = 0; c < 128; c++) {
+        int letter = (c | 32) >= 'a' && (c | 32) <= 'z';
+        int re_space = latin1_space[c] && !(c >= 0x1c && c <= 0x1f);
+        if (!(cls[c] & CLASS_KNOWN) || ((cls[c] & CLASS_LETTER) != 0) != letter ||
+            ((cls[c] & CLASS_SPACE) != 0) != re_space || (latin1_space[c] && c > 0x20))
+            return 0;
+    }
+    return 1;
+}
+
+/* Bit 7 of each byte of v (bytes below 0x80) set where that byte is below x; exact for the
+   lowest such byte (the only one used), as borrows only run upwards. */
+#define BELOW(v, x) (((v) - BYTES(x)) & BYTES(0x80))
+/* Bit 7 set where a byte of v (bytes below 0x80) lies in [lo, hi]; no carries. */
+#define WITHIN(v, lo, hi) ((((v) + BYTES(0x80 - (lo))) & ~((v) + BYTES(0x7f - (hi)))) & BYTES(0x80))
+/* Bit 7 set where a byte of v is c (exact for the lowest; a word needs only "any"). */
+#define EQUALS(v, c) BELOW((v) ^ BYTES(c), 1)
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define FIRST_FLAGGED(mask) (__builtin_clzll(mask) >> 3)
+#else
+#define FIRST_FLAGGED(mask) (__builtin_ctzll(mask) >> 3)
+#endif
+
+/* Every statistic of ASCII text in one loop a word at a time, over the lowered copy `low`
+   (letters, spaces and symbols are where they are in `data`; lines and paragraphs are
+   compared as `data` has them). A word is read 8 bytes at a time: where it ends (the first
+   byte below 0x21), whether it has a letter (a-z) or a symbol ('#', '.'), without a branch
+   per character. USE_GENERAL_PATH when the text has a character where str.split and the
+   regex module disagree about what a word is (U+001C-U+001F). */
+static int scan_ascii(const unsigned char *data, const unsigned char *low, Py_ssize_t n,
+                      const Py_UCS4 *bullets, int n_bullets, WordSink *sink, TextStats *st) {
+    unsigned char flags[256];
+    for (int c = 0; c < 256; c++)
+        flags[c] = (latin1_space[c] ? A_SPACE : 0) |
+                   (c == '\n' || (c >= 0x1c && c <= 0x1f) ? A_RARE : 0);
+    LineState ls;
+    int status = lines_init(&ls, bullets, n_bullets);
+    Py_ssize_t letterless = 0, symbols = 0, i = 0;
+    while (status == 0) {
+        for (; i < n && (flags[low[i]] & A_SPACE); i++) { /* the spaces before a word */
+            if (!(flags[low[i]] & A_RARE)) continue;
+            if (low[i] != '\n') { status = USE_GENERAL_PATH; break; }
+            if ((status = end_line(1, data, i, n, &ls, st)) != 0) break;
+        }
+        if (status != 0 || i >= n) break;
+        Py_ssize_t start = i;
+        uint64_t letters = 0, specials = 0;
+        for (;;) { /* loads stay within the padding: i <= n, and low[n] ends every word */
+            uint64_t v, in_word = ~0ULL;
+            memcpy(&v, low + i, 8);
+            uint64_t ends = BELOW(v, 0x21);
+            Py_ssize_t k = 8;
+            if (ends) {
+                k = FIRST_FLAGGED(ends);
+                in_word = k ? FIRST_BYTES(k) : 0;
+            }
+            letters |= WITHIN(v, 'a', 'z') & in_word;
+            specials |= (EQUALS(v, '#') | EQUALS(v, '.')) & in_word;
+            i += k;
+            if (k < 8 && (flags[low[i]] & A_SPACE)) break;
+            if (k < 8) i++; /* a control character below 0x21 that is no space: in the word */
+        }
+        if (add_word_of(1, 1, sink, low, start, i - start) < 0) { status = -1; break; }
+        letterless += letters == 0;
+        if (specials) { /* text.count("#") + text.count("..."): dots run within words */
+            Py_ssize_t dots = 0;
+            for (Py_ssize_t j = start; j < i; j++) {
+                if (low[j] == '.') { dots++; continue; }
+                symbols += dots / 3 + (low[j] == '#');
+                dots = 0;
+            }
+            symbols += dots / 3;
+        }
+    }
+    if (status == 0) status = end_line(1, data, n, n, &ls, st);
+    st->letterless = letterless;
+    st->symbols = symbols;
+    lines_free(&ls);
+    return status;
+}
+
+/* Whether any of `phrases` (a tuple of str) occurs in the lowered text: `low` (ASCII bytes)
+   when given, else the str `lowered`. -1 on error. */
+static int has_phrase(PyObject *phrases, const unsigned char *low, Py_ssize_t n,
+                      PyObject *lowered) {
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(phrases); k++) {
+        PyObject *phrase = PyTuple_GET_ITEM(phrases, k);
+        if (!PyUnicode_Check(phrase)) {
+            PyErr_SetString(PyExc_TypeError, "phrases must be str");
+            return -1;
+        }
+        if (low == NULL) {
+            int found = PyUnicode_Contains(lowered, phrase);
+            if (found != 0) return found;
+        } else if (PyUnicode_IS_ASCII(phrase)) { /* others cannot occur in ASCII text */
+            Py_ssize_t len = PyUnicode_GET_LENGTH(phrase);
+            if (len == 0 || (len <= n && memmem(low, (size_t)n, PyUnicode_DATA(phrase), (size_t)len)))
+                return 1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *prose_stats(PyObject *self, PyObject *args) {
-    PyObject *text, *lowered, *stop_words, *bullet_str;
+    PyObject *text, *lowered, *stop_words, *bullet_str, *phrases;
     Py_buffer table;
-    if (!PyArg_ParseTuple(args, "UUy*O!U", &text, &lowered, &table, &PyTuple_Type, &stop_words,
-                          &bullet_str))
+    if (!PyArg_ParseTuple(args, "UOy*O!UO!", &text, &lowered, &table, &PyTuple_Type, &stop_words,
+                          &bullet_str, &PyTuple_Type, &phrases))
         return NULL;
     PyObject *result = NULL, *ids = NULL, *lengths = NULL;
+    unsigned char *scratch = NULL;
     Words w = {0, 0, 0, 0, NULL, NULL};
     TextStats st;
     memset(&st, 0, sizeof st);
+    WordSink sink;
+    int have_sink = 0, status = 0, phrase = 0;
     Py_UCS4 bullets[MAX_BULLETS];
     int n_bullets = (int)PyUnicode_GET_LENGTH(bullet_str);
+    int ascii = PyUnicode_IS_ASCII(text);
     if (table.len < 0x110000 || PyTuple_GET_SIZE(stop_words) > MAX_STOP_WORDS ||
         n_bullets > MAX_BULLETS) {
         PyErr_SetString(PyExc_ValueError, "bad character table, too many stop words or bullets");
         goto done;
     }
+    if (!ascii && !PyUnicode_Check(lowered)) {
+        PyErr_SetString(PyExc_TypeError, "text that is not ASCII needs its lowered copy");
+        goto done;
+    }
     for (int b = 0; b < n_bullets; b++) bullets[b] = PyUnicode_READ_CHAR(bullet_str, b);
-
-    Py_ssize_t n_low = PyUnicode_GET_LENGTH(lowered), cap = n_low / 2 + 1;
-    w.ids = PyMem_Malloc(cap * sizeof(uint32_t));
-    w.lengths = PyMem_Malloc(cap * sizeof(uint32_t));
-    if (!w.ids || !w.lengths) { PyErr_NoMemory(); goto done; }
-    const void *low = PyUnicode_DATA(lowered);
-    int status;
+    const unsigned char *cls = table.buf;
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    Py_ssize_t n_low = ascii ? n : PyUnicode_GET_LENGTH(lowered);
     StopWords stop;
     unpack_stop_words(stop_words, &stop);
-    WordSink sink;
+
+    w.ids = PyMem_Malloc((n_low / 2 + 1) * sizeof(uint32_t));
+    w.lengths = PyMem_Malloc((n_low / 2 + 1) * sizeof(uint32_t));
+    if (ascii) scratch = ascii_lowered_copy(data, n);
+    if (!w.ids || !w.lengths || (ascii && !scratch)) { PyErr_NoMemory(); goto done; }
     if (sink_init(&sink, n_low, &stop, &w) < 0) goto done;
-    const void *data = PyUnicode_DATA(text);
-    const unsigned char *cls = table.buf;
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    if (PyUnicode_IS_ASCII(text) && PyUnicode_IS_ASCII(lowered) && n_low == n) {
-        status = scan_text(1, 1, data, n, cls, bullets, n_bullets, low, &sink, &st);
+    have_sink = 1;
+    if (ascii) {
+        status = ascii_classes_as_assumed(cls)
+                     ? scan_ascii(data, scratch, n, bullets, n_bullets, &sink, &st)
+                     : USE_GENERAL_PATH;
+        if (status == USE_GENERAL_PATH) { /* start again, a character at a time */
+            sink_finish(&sink);
+            have_sink = 0;
+            w.count = w.chars = w.longest = w.stop_words = 0;
+            memset(&st, 0, sizeof st);
+            if (sink_init(&sink, n_low, &stop, &w) < 0) goto done;
+            have_sink = 1;
+            status = split_words(1, scratch, n, &sink);
+            if (status == 0) status = scan_text(1, data, n, cls, bullets, n_bullets, &st);
+        }
     } else {
+        const void *low = PyUnicode_DATA(lowered);
         switch (PyUnicode_KIND(lowered)) {
         case 1: status = split_words(1, low, n_low, &sink); break;
         case 2: status = split_words(2, low, n_low, &sink); break;
@@ -376,162 +605,311 @@ static PyObject *prose_stats(PyObject *self, PyObject *args) {
         }
         int kind = PyUnicode_KIND(text);
         if (status == 0 && kind == 1)
-            status = scan_text(1, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st);
+            status = scan_text(1, data, n, cls, bullets, n_bullets, &st);
         else if (status == 0 && kind == 2)
-            status = scan_text(2, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st);
+            status = scan_text(2, data, n, cls, bullets, n_bullets, &st);
         else if (status == 0)
-            status = scan_text(4, 0, data, n, cls, bullets, n_bullets, NULL, NULL, &st);
+            status = scan_text(4, data, n, cls, bullets, n_bullets, &st);
     }
     sink_finish(&sink);
+    have_sink = 0;
     if (status < 0) goto done;
     if (st.unknown) { /* the caller fills the table in and asks again */
         result = Py_None;
         Py_INCREF(result);
         goto done;
     }
+    phrase = has_phrase(phrases, scratch, n, lowered);
+    if (phrase < 0) goto done;
 
     ids = PyBytes_FromStringAndSize((const char *)w.ids, w.count * sizeof(uint32_t));
     lengths = PyBytes_FromStringAndSize((const char *)w.lengths, w.count * sizeof(uint32_t));
     if (!ids || !lengths) goto done;
     /* a tuple: filters.py names the fields (ProseStats), cheaper than a dict per document */
     result = Py_BuildValue(
-        "(nnnnnnnnnnnnnnnnOO)", w.count, w.chars, w.longest, w.stop_words, st.letterless,
+        "(nnnnnnnnnnnnnnnnNOO)", w.count, w.chars, w.longest, w.stop_words, st.letterless,
         st.symbols, st.bullet_lines, st.ellipsis_lines, st.lines.parts, st.lines.distinct,
         st.lines.total_chars, st.lines.distinct_chars, st.paragraphs.parts,
-        st.paragraphs.distinct, st.paragraphs.total_chars, st.paragraphs.distinct_chars, ids,
-        lengths);
+        st.paragraphs.distinct, st.paragraphs.total_chars, st.paragraphs.distinct_chars,
+        PyBool_FromLong(phrase), ids, lengths);
 done:
+    if (have_sink) sink_finish(&sink);
     Py_XDECREF(ids);
     Py_XDECREF(lengths);
     PyMem_Free(w.ids);
     PyMem_Free(w.lengths);
+    PyMem_Free(scratch);
     PyBuffer_Release(&table);
     return result;
 }
 
-/* -- n-grams: ids of (a+b)-grams from those of a-grams and b-grams ------------------------- */
-/* Level 1 is the word ids. The (a+b)-gram at position p is the pair (its a-gram at p, the
-   b-gram at p+a), so equal ids mean equal n-grams, exactly. Ids count up in order of first
-   appearance: an occurrence repeats an earlier one iff its id is not a new maximum. */
-static PyObject *combine_levels(PyObject *self, PyObject *args) {
-    Py_buffer left, right;
-    Py_ssize_t offset;
-    if (!PyArg_ParseTuple(args, "y*y*n", &left, &right, &offset)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t count = right.len / 4 - offset; /* (W - b + 1) - a = W - (a + b) + 1 */
-    if (left.len % 4 || right.len % 4 || offset < 1 || count > left.len / 4) {
-        PyErr_SetString(PyExc_ValueError, "levels must be uint32 buffers of a-grams and b-grams, "
-                                          "with the offset a");
-        goto done;
-    }
-    if (count <= 0) { result = PyBytes_FromStringAndSize(NULL, 0); goto done; }
-    const uint32_t *l = left.buf, *r = right.buf;
-    size_t size = 16;
-    while (size < (size_t)count + (size_t)count / 2 + 2) size <<= 1;
-    uint64_t *keys = PyMem_Malloc(size * sizeof(uint64_t));
-    uint32_t *values = PyMem_Calloc(size, sizeof(uint32_t)); /* 0 = empty, else id + 1 */
-    result = PyBytes_FromStringAndSize(NULL, count * sizeof(uint32_t));
-    if (!keys || !values || !result) {
-        PyMem_Free(keys); PyMem_Free(values); Py_CLEAR(result);
-        if (!PyErr_Occurred()) PyErr_NoMemory();
-        goto done;
-    }
-    uint32_t *out = (uint32_t *)PyBytes_AS_STRING(result), next_id = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t key = ((uint64_t)l[i] << 32) | r[i + offset];
-        size_t j = (size_t)((key * 0x9e3779b97f4a7c15ULL) >> 32) & (size - 1); /* Fibonacci */
-        while (values[j] != 0 && keys[j] != key) j = (j + 1) & (size - 1);
-        if (values[j] == 0) {
-            keys[j] = key;
-            values[j] = ++next_id;
-        }
-        out[i] = values[j] - 1;
-    }
-    PyMem_Free(keys);
-    PyMem_Free(values);
-done:
-    PyBuffer_Release(&left);
-    PyBuffer_Release(&right);
-    return result;
+/* -- n-grams of the words ---------------------------------------------------------------------- */
+/* An Ngrams object holds a document's word ids (equal ids = equal words) and lengths, and
+   answers, for any n, the count and length of the most frequent n-gram and the characters
+   covered by repeated n-grams. An n-gram is hashed only at a "candidate" position, where it
+   can occur twice: each of its words occurs twice (n <= 2), or each of its bigrams does
+   (n >= 3). Elsewhere it occurs once, so skipping it changes no count. */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer ids_buf, lengths_buf;
+    const uint32_t *ids, *lengths;
+    Py_ssize_t words;
+    uint32_t *word_counts;          /* per word id; made on first use */
+    unsigned char *bigram_repeats;  /* per position: its bigram occurs twice or more; ditto */
+} NgramsObject;
+
+/* The distinct n-grams at the candidate positions, in order of first appearance. */
+typedef struct {
+    Py_ssize_t candidates, distinct;
+    Py_ssize_t *positions; /* per candidate, ascending */
+    uint32_t *index;       /* per candidate: which distinct n-gram */
+    uint32_t *counts;      /* per distinct n-gram */
+    Py_ssize_t *first;     /* per distinct n-gram: its first position */
+} Interned;
+
+static void interned_free(Interned *in) {
+    PyMem_Free(in->positions);
+    PyMem_Free(in->index);
+    PyMem_Free(in->counts);
+    PyMem_Free(in->first);
 }
 
-static int parse_level(PyObject *args, Py_buffer *level, Py_buffer *lengths, Py_ssize_t *n) {
-    if (!PyArg_ParseTuple(args, "y*y*n", level, lengths, n)) return -1;
-    if (level->len % 4 || lengths->len % 4 || *n < 1 ||
-        level->len / 4 != (level->len ? lengths->len / 4 - *n + 1 : level->len / 4)) {
-        PyBuffer_Release(level); PyBuffer_Release(lengths);
-        PyErr_SetString(PyExc_ValueError, "a level of n-gram ids must have len(words) - n + 1 ids");
+static int ensure_word_counts(NgramsObject *g) {
+    if (g->word_counts) return 0;
+    g->word_counts = PyMem_Calloc((size_t)g->words + 1, sizeof(uint32_t));
+    if (!g->word_counts) { PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t p = 0; p < g->words; p++) g->word_counts[g->ids[p]]++;
+    return 0;
+}
+
+static int ensure_bigram_repeats(NgramsObject *g);
+
+ALWAYS_INLINE uint64_t ngram_hash(const uint32_t *ids, Py_ssize_t n) {
+    uint64_t h = (uint64_t)n;
+    for (Py_ssize_t k = 0; k < n; k++) h = (h + ids[k]) * 0x9e3779b97f4a7c15ULL;
+    return mix64(h);
+}
+
+static int intern_ngrams(NgramsObject *g, Py_ssize_t n, Interned *in) {
+    memset(in, 0, sizeof *in);
+    Py_ssize_t count = g->words - n + 1; /* n-grams in the document */
+    if (count <= 0) return 0;
+    if (ensure_word_counts(g) < 0 || (n >= 3 && ensure_bigram_repeats(g) < 0)) return -1;
+    in->positions = PyMem_Malloc((size_t)count * sizeof(Py_ssize_t));
+    if (!in->positions) { PyErr_NoMemory(); return -1; }
+    const uint32_t *ids = g->ids, *wc = g->word_counts;
+    Py_ssize_t m = 0; /* branch-free selection: about half the words repeat, at random */
+    if (n == 1) {
+        for (Py_ssize_t p = 0; p < count; p++) {
+            in->positions[m] = p;
+            m += wc[ids[p]] >= 2;
+        }
+    } else if (n == 2) {
+        unsigned before = wc[ids[0]] >= 2;
+        for (Py_ssize_t p = 0; p < count; p++) {
+            unsigned after = wc[ids[p + 1]] >= 2;
+            in->positions[m] = p;
+            m += before & after;
+            before = after;
+        }
+    } else { /* bigrams p .. p+n-2 all repeat: a run of n-1 repeating bigrams ends at p+n-2 */
+        Py_ssize_t run = 0;
+        const unsigned char *repeats = g->bigram_repeats;
+        for (Py_ssize_t q = 0; q < g->words - 1; q++) {
+            run = (run + 1) & -(Py_ssize_t)repeats[q];
+            in->positions[m] = q - (n - 2);
+            m += run >= n - 1;
+        }
+    }
+    in->candidates = m;
+    if (m == 0) return 0;
+    size_t size = 16;
+    while (size < 2 * (size_t)m) size <<= 1;
+    uint64_t *slots = PyMem_Calloc(size, sizeof(uint64_t)); /* hash tag << 32 | distinct + 1 */
+    in->index = PyMem_Malloc((size_t)m * sizeof(uint32_t));
+    in->counts = PyMem_Malloc((size_t)m * sizeof(uint32_t));
+    in->first = PyMem_Malloc((size_t)m * sizeof(Py_ssize_t));
+    if (!slots || !in->index || !in->counts || !in->first) {
+        PyMem_Free(slots);
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint32_t distinct = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        Py_ssize_t p = in->positions[k];
+        uint64_t h = ngram_hash(ids + p, n), tag = h >> 32;
+        size_t j = (size_t)h & (size - 1);
+        for (;;) {
+            uint64_t slot = slots[j];
+            if (slot == 0) {
+                slots[j] = (tag << 32) | (distinct + 1);
+                in->first[distinct] = p;
+                in->counts[distinct] = 1;
+                in->index[k] = distinct++;
+                break;
+            }
+            if ((slot >> 32) == tag) {
+                uint32_t d = (uint32_t)slot - 1;
+                const uint32_t *seen = ids + in->first[d];
+                Py_ssize_t e = 0;
+                while (e < n && seen[e] == ids[p + e]) e++;
+                if (e == n) {
+                    in->counts[d]++;
+                    in->index[k] = d;
+                    break;
+                }
+            }
+            j = (j + 1) & (size - 1);
+        }
+    }
+    in->distinct = distinct;
+    PyMem_Free(slots);
+    return 0;
+}
+
+static int ensure_bigram_repeats(NgramsObject *g) {
+    if (g->bigram_repeats) return 0;
+    Interned in;
+    if (intern_ngrams(g, 2, &in) < 0) { interned_free(&in); return -1; }
+    g->bigram_repeats = PyMem_Calloc((size_t)g->words + 1, 1);
+    if (!g->bigram_repeats) { interned_free(&in); PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t k = 0; k < in.candidates; k++)
+        g->bigram_repeats[in.positions[k]] = in.counts[in.index[k]] >= 2;
+    interned_free(&in);
+    return 0;
+}
+
+static Py_ssize_t ngram_chars(NgramsObject *g, Py_ssize_t p, Py_ssize_t n) {
+    Py_ssize_t chars = 0;
+    for (Py_ssize_t k = 0; k < n; k++) chars += g->lengths[p + k];
+    return chars;
+}
+
+static int parse_n(PyObject *arg, Py_ssize_t *n) {
+    *n = PyLong_AsSsize_t(arg);
+    if (*n == -1 && PyErr_Occurred()) return -1;
+    if (*n < 1) {
+        PyErr_SetString(PyExc_ValueError, "n must be at least 1");
         return -1;
     }
     return 0;
 }
 
-/* (count, chars) of the most frequent n-gram, the longest in characters among equally frequent
-   ones; (0, 0) without n-grams. */
-static PyObject *top_ngram(PyObject *self, PyObject *args) {
-    Py_buffer lb, wb;
-    Py_ssize_t n;
-    if (parse_level(args, &lb, &wb, &n) < 0) return NULL;
-    const uint32_t *level = lb.buf, *lengths = wb.buf;
-    Py_ssize_t count = lb.len / 4, best_count = 0, best_chars = 0;
-    PyObject *result = NULL;
-    uint32_t *counts = PyMem_Calloc(count + 1, sizeof(uint32_t));
-    Py_ssize_t *chars = PyMem_Malloc((count + 1) * sizeof(Py_ssize_t));
-    if (!counts || !chars) { PyErr_NoMemory(); goto done; }
-    uint32_t distinct = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t id = level[i];
-        if (id == distinct) { /* first occurrence: its length in characters */
-            Py_ssize_t c = 0;
-            for (Py_ssize_t k = 0; k < n; k++) c += lengths[i + k];
-            chars[id] = c;
-            distinct++;
-        }
-        counts[id]++;
-    }
-    for (uint32_t id = 0; id < distinct; id++) {
-        if (counts[id] > best_count || (counts[id] == best_count && chars[id] > best_chars)) {
-            best_count = counts[id];
-            best_chars = chars[id];
+/* (count, chars) of the most frequent n-gram, the longest in characters among equally
+   frequent ones; (0, 0) without n-grams. */
+static PyObject *ngrams_top(NgramsObject *g, PyObject *arg) {
+    Py_ssize_t n, best_count = 0, best_chars = 0;
+    if (parse_n(arg, &n) < 0) return NULL;
+    Interned in;
+    if (intern_ngrams(g, n, &in) < 0) { interned_free(&in); return NULL; }
+    for (Py_ssize_t d = 0; d < in.distinct; d++) {
+        Py_ssize_t count = in.counts[d];
+        if (count < 2 || count < best_count) continue;
+        Py_ssize_t chars = ngram_chars(g, in.first[d], n);
+        if (count > best_count || chars > best_chars) {
+            best_count = count;
+            best_chars = chars;
         }
     }
-    result = Py_BuildValue("nn", best_count, best_chars);
-done:
-    PyMem_Free(counts);
-    PyMem_Free(chars);
-    PyBuffer_Release(&lb); PyBuffer_Release(&wb);
-    return result;
+    interned_free(&in);
+    if (best_count == 0 && g->words >= n) { /* every n-gram occurs once: the longest of all */
+        best_count = 1;
+        Py_ssize_t chars = ngram_chars(g, 0, n);
+        best_chars = chars;
+        for (Py_ssize_t p = 1; p + n <= g->words; p++) {
+            chars += (Py_ssize_t)g->lengths[p + n - 1] - (Py_ssize_t)g->lengths[p - 1];
+            if (chars > best_chars) best_chars = chars;
+        }
+    }
+    return Py_BuildValue("nn", best_count, best_chars);
 }
 
 /* Characters of the words covered by an n-gram occurrence that repeats an earlier one. */
-static PyObject *repeated_ngram_chars(PyObject *self, PyObject *args) {
-    Py_buffer lb, wb;
-    Py_ssize_t n;
-    if (parse_level(args, &lb, &wb, &n) < 0) return NULL;
-    const uint32_t *level = lb.buf, *lengths = wb.buf;
-    Py_ssize_t count = lb.len / 4, chars = 0, covered_to = 0;
-    int64_t newest = -1;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if ((int64_t)level[i] > newest) { newest = level[i]; continue; }
+static PyObject *ngrams_repeated_chars(NgramsObject *g, PyObject *arg) {
+    Py_ssize_t n, chars = 0, covered_to = 0;
+    if (parse_n(arg, &n) < 0) return NULL;
+    Interned in;
+    if (intern_ngrams(g, n, &in) < 0) { interned_free(&in); return NULL; }
+    for (Py_ssize_t k = 0; k < in.candidates; k++) {
+        Py_ssize_t p = in.positions[k];
+        if (in.first[in.index[k]] == p) continue; /* the first occurrence */
         /* positions ascend: words up to the end of the last repeat are counted already */
-        for (Py_ssize_t w = i > covered_to ? i : covered_to; w < i + n; w++) chars += lengths[w];
-        covered_to = i + n;
+        for (Py_ssize_t w = p > covered_to ? p : covered_to; w < p + n; w++) chars += g->lengths[w];
+        covered_to = p + n;
     }
-    PyBuffer_Release(&lb); PyBuffer_Release(&wb);
+    interned_free(&in);
     return PyLong_FromSsize_t(chars);
+}
+
+static void ngrams_dealloc(NgramsObject *g) {
+    PyBuffer_Release(&g->ids_buf);
+    PyBuffer_Release(&g->lengths_buf);
+    PyMem_Free(g->word_counts);
+    PyMem_Free(g->bigram_repeats);
+    PyObject_Free(g);
+}
+
+static PyMethodDef ngrams_methods[] = {
+    {"top", (PyCFunction)ngrams_top, METH_O,
+     "top(n) -> (count, chars) of the most frequent n-gram, the longest of equally frequent ones"},
+    {"repeated_chars", (PyCFunction)ngrams_repeated_chars, METH_O,
+     "repeated_chars(n) -> characters of the words covered by repeated n-gram occurrences"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject NgramsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "scratchlm.data._fastfilters.Ngrams",
+    .tp_basicsize = sizeof(NgramsObject),
+    .tp_dealloc = (destructor)ngrams_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The n-gram statistics of a document's words; made by ngrams(ids, lengths).",
+    .tp_methods = ngrams_methods,
+};
+
+static PyObject *ngrams_new(PyObject *self, PyObject *args) {
+    PyObject *ids, *lengths;
+    if (!PyArg_ParseTuple(args, "OO", &ids, &lengths)) return NULL;
+    NgramsObject *g = PyObject_New(NgramsObject, &NgramsType);
+    if (!g) return NULL;
+    g->word_counts = NULL;
+    g->bigram_repeats = NULL;
+    g->lengths_buf.obj = NULL;
+    if (PyObject_GetBuffer(ids, &g->ids_buf, PyBUF_SIMPLE) < 0) {
+        g->ids_buf.obj = NULL;
+        goto fail;
+    }
+    if (PyObject_GetBuffer(lengths, &g->lengths_buf, PyBUF_SIMPLE) < 0) {
+        g->lengths_buf.obj = NULL;
+        goto fail;
+    }
+    g->ids = g->ids_buf.buf;
+    g->lengths = g->lengths_buf.buf;
+    g->words = g->ids_buf.len / 4;
+    if (g->ids_buf.len % 4 || g->lengths_buf.len != g->ids_buf.len) {
+        PyErr_SetString(PyExc_ValueError, "ids and lengths must be uint32 buffers of equal size");
+        goto fail;
+    }
+    for (Py_ssize_t p = 0; p < g->words; p++) {
+        if (g->ids[p] >= (uint64_t)g->words) {
+            PyErr_SetString(PyExc_ValueError, "word ids must be below the number of words");
+            goto fail;
+        }
+    }
+    return (PyObject *)g;
+fail:
+    Py_DECREF(g);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
     {"prose_stats", prose_stats, METH_VARARGS,
-     "prose_stats(text, lowered, table, stop_words, bullets) -> tuple of the prose statistics "
-     "(filters.ProseStats), ending with word ids and lengths (uint32 bytes); None when the "
-     "text has a character whose table entry is not filled in"},
-    {"combine_levels", combine_levels, METH_VARARGS,
-     "combine_levels(a_gram_ids, b_gram_ids, a) -> ids of the (a+b)-grams"},
-    {"top_ngram", top_ngram, METH_VARARGS,
-     "top_ngram(level_ids, lengths, n) -> (count, chars) of the most frequent n-gram"},
-    {"repeated_ngram_chars", repeated_ngram_chars, METH_VARARGS,
-     "repeated_ngram_chars(level_ids, lengths, n) -> chars covered by repeated n-grams"},
+     "prose_stats(text, lowered, table, stop_words, bullets, phrases) -> tuple of the prose "
+     "statistics (filters.ProseStats), ending with whether a phrase occurs in the lowered text, "
+     "the word ids and lengths (uint32 bytes); None when the text has a character whose table "
+     "entry is not filled in. `lowered` (text.lower()) may be None for ASCII text."},
+    {"ngrams", ngrams_new, METH_VARARGS,
+     "ngrams(ids, lengths) -> Ngrams: n-gram counts of the words with these ids and lengths"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -540,6 +918,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastfilters",
 
 PyMODINIT_FUNC PyInit__fastfilters(void) {
     for (Py_UCS4 c = 0; c < 256; c++) latin1_space[c] = Py_UNICODE_ISSPACE(c) != 0;
+    if (PyType_Ready(&NgramsType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddIntConstant(m, "VERSION", VERSION) < 0) {
         Py_DECREF(m);

@@ -12,7 +12,8 @@ ones. Not for deduplication or decontamination (see `dedup.py`, `decontaminate.p
 The prose rules have two implementations with identical decisions (tests hold them together):
 the readable reference (`_check_prose`: str methods, a regex and numpy), and a fast path
 (`_check_prose_fast`) that takes every statistic from the optional C extension `_fastfilters`
-(one pass over the text, n-grams interned exactly; ~5x less CPU per byte) and applies the same
+(one pass over the text, a word at a time for ASCII text, which it lowers itself; n-grams
+compared exactly, and only where they can repeat; ~10x less CPU per byte) and applies the same
 thresholds in the same order. `check_document` uses the fast path whenever it is built.
 """
 
@@ -27,7 +28,7 @@ import regex
 
 from scratchlm.errors import UserError
 
-FASTFILTERS_VERSION = 3  # the interface version of _fastfilters.c this code expects
+FASTFILTERS_VERSION = 4  # the interface version of _fastfilters.c this code expects
 try:
     from scratchlm.data import _fastfilters
     if getattr(_fastfilters, "VERSION", None) != FASTFILTERS_VERSION:  # a stale build
@@ -325,17 +326,18 @@ _BULLET_CHARS = "".join(BULLETS)  # every bullet is one character
 # What `_fastfilters.prose_stats` returns, in order: counts of words (of text.lower().split()),
 # their characters, the longest one, distinct stop words, words without a letter, symbols
 # (#, ..., …), bullet and ellipsis lines; non-blank lines and stripped non-empty paragraphs: all,
-# distinct, their characters, distinct characters; the word ids and lengths (uint32 bytes).
+# distinct, their characters, distinct characters; whether one of the phrases occurs in
+# text.lower(); the word ids (equal ids = equal words) and lengths (uint32 bytes).
 ProseStats = namedtuple("ProseStats", [
     "words", "word_chars", "longest_word", "stop_words", "letterless_words", "symbols",
     "bullet_lines", "ellipsis_lines", "lines", "distinct_lines", "line_chars",
     "distinct_line_chars", "paragraphs", "distinct_paragraphs", "paragraph_chars",
-    "distinct_paragraph_chars", "ids", "lengths"])
+    "distinct_paragraph_chars", "phrase", "ids", "lengths"])
 
 
-def prose_stats(text: str) -> ProseStats:
+def prose_stats(text: str, phrases: tuple[str, ...] = ()) -> ProseStats:
     """Every statistic of the prose rules for `text`, from one C pass (needs the extension)."""
-    return _prose_stats(text, text.lower())
+    return _prose_stats(text, tuple(phrases))
 
 
 # One byte per code point: 1 for `\\p{L}`, 2 for `\\s`, as the `regex` module sees them, 4 once
@@ -361,21 +363,22 @@ _SPACE = regex.compile(r"\s")
 _fill_char_classes([0])  # ASCII and Latin-1: most text needs nothing more
 
 
-def _prose_stats(text: str, lowered: str) -> ProseStats:
+def _prose_stats(text: str, phrases: tuple[str, ...]) -> ProseStats:
+    # ASCII text (str.isascii costs nothing) is lowered on the C side, which then needs no copy
+    lowered = None if text.isascii() else text.lower()
     stats = _fastfilters.prose_stats(text, lowered, _CHAR_CLASSES, _STOP_WORD_TUPLE,
-                                     _BULLET_CHARS)
+                                     _BULLET_CHARS, phrases)
     if stats is None:  # a code point of a block not in the table yet
         _fill_char_classes({ord(ch) // _BLOCK for ch in set(text)}
                            - {b for b in range(0x110000 // _BLOCK) if _CHAR_CLASSES[b * _BLOCK]})
         stats = _fastfilters.prose_stats(text, lowered, _CHAR_CLASSES, _STOP_WORD_TUPLE,
-                                         _BULLET_CHARS)
+                                         _BULLET_CHARS, phrases)
     return ProseStats._make(stats)
 
 
 def _check_prose_fast(text: str, c: FilterConfig) -> str | None:
     """`_check_prose` with every statistic from one C pass; same rules, same order."""
-    lowered = text.lower()
-    s = _prose_stats(text, lowered)
+    s = _prose_stats(text, tuple(c.reject_phrases or ()))
     n_words = s.words
     if c.min_words is not None and n_words < c.min_words:
         return "min_words"
@@ -394,7 +397,7 @@ def _check_prose_fast(text: str, c: FilterConfig) -> str | None:
         return "min_stop_words"
     if c.min_alpha_words is not None and 1 - s.letterless_words / n_words < c.min_alpha_words:
         return "min_alpha_words"
-    if c.reject_phrases and any(phrase in lowered for phrase in c.reject_phrases):
+    if c.reject_phrases and s.phrase:
         return "reject_phrases"
     return _check_lines_fast(s, c) or _check_ngrams_fast(s, c)
 
@@ -424,32 +427,25 @@ def _check_lines_fast(s: ProseStats, c: FilterConfig) -> str | None:
 
 
 def _check_ngrams_fast(s: ProseStats, c: FilterConfig) -> str | None:
-    """`_check_ngrams` over n-gram ids that the C side interns exactly, one n after another."""
+    """`_check_ngrams` over the word ids, with n-grams counted exactly on the C side."""
     if not c.max_top_ngram_chars and not c.max_dup_ngram_chars:
         return None
-    lengths, n_words, word_chars = s.lengths, s.words, s.word_chars
-    levels = {1: s.ids}  # n -> ids of the n-grams, made only as a rule needs them
-
-    def ngram_ids(n: int) -> bytes:
-        if n not in levels:  # from its halves: 5 from 3 and 2, 3 from 2 and 1, 2 from 1 and 1
-            a = (n + 1) // 2
-            levels[n] = _fastfilters.combine_levels(ngram_ids(a), ngram_ids(n - a), a)
-        return levels[n]
-
+    n_words, word_chars = s.words, s.word_chars
+    grams = _fastfilters.ngrams(s.ids, s.lengths)
     top_count = None
     for n, limit in sorted((c.max_top_ngram_chars or {}).items()):
         if n_words < n:
             continue
         if top_count is not None and top_count * n * s.longest_word / word_chars <= limit:
             continue  # the same bound as the reference: this n cannot exceed its limit
-        top_count, chars = _fastfilters.top_ngram(ngram_ids(n), lengths, n)
+        top_count, chars = grams.top(n)
         if top_count > 1 and chars * top_count / word_chars > limit:
             return f"max_top_{n}gram_chars"
     dup_limits = sorted((c.max_dup_ngram_chars or {}).items())
     for i, (n, limit) in enumerate(dup_limits):
         if n_words < n:
             continue
-        fraction = _fastfilters.repeated_ngram_chars(ngram_ids(n), lengths, n) / word_chars
+        fraction = grams.repeated_chars(n) / word_chars
         if fraction > limit:
             return f"max_dup_{n}gram_chars"
         if all(fraction <= later for _, later in dup_limits[i + 1:]):
