@@ -9,10 +9,12 @@ Greedy outputs are checked to be identical token for token before any timing is 
 A speculative-decoding line (a 2-layer draft of the same model family) reports acceptance rate
 and speed-up; with random weights the draft rarely agrees, so that line shows the overhead.
 
-    python benchmarks/generate.py [--threads 2] [--new-tokens 256] [--repeats 2] [--unfused]
+    python benchmarks/generate.py [--threads 2] [--new-tokens 256] [--repeats 2] [--unfused] [--no-native]
 
-Our decode steps run through `scratchlm.infer.fast_decode` (fused, pre-transposed weights);
-`--unfused` also times the model's own forward per step, interleaved with the others.
+Our decode steps run through `scratchlm.infer.fast_decode`: its C kernels over packed weights
+(`NativeDecodeStep`; the one-time build, C compile included when not cached, is printed), or with
+`--no-native` its torch fused step (one-row steps only). `--unfused` also times the model's own
+forward per step, interleaved with the others.
 
 Not a test: it prints tokens/s and ratios; docs/benchmarks.md records results.
 """
@@ -93,8 +95,12 @@ def main() -> None:
     parser.add_argument("--skip-speculative", action="store_true")
     parser.add_argument("--unfused", action="store_true",
                         help="also time our decode through the model's own forward (fused=False)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="decode with the torch fused step instead of the C kernels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_native:
+        os.environ["SCRATCHLM_NATIVE"] = "0"
 
     import transformers
 
@@ -109,6 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_model_hf(model32, None, tmp)
         hf32 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    print(build_line(model32), flush=True)
     print(f"{'':36s} {'tokens/s':>10s} {'vs transformers':>16s}", flush=True)
     g = torch.Generator().manual_seed(1)
     fp32_hf_time: dict[int, float] = {}
@@ -155,6 +162,19 @@ def main() -> None:
                        f"cache is {t_nc / t_ours:.1f}x faster (wall), {cpu_nc / cpu_ours:.1f}x (CPU)")
             if batch == 1 and dtype == torch.float32 and not args.skip_speculative:
                 print(speculative_lines(model, prompts[0], args.new_tokens, args.repeats), flush=True)
+
+
+def build_line(model) -> str:
+    """Which decode step our side uses, and what building it (compile + packing) cost."""
+    from scratchlm.infer import native
+    from scratchlm.infer.fast_decode import fused_step_for
+
+    start = time.perf_counter()
+    compiled = native.library() is not None
+    compile_s = time.perf_counter() - start
+    step = fused_step_for(model)
+    return (f"decode step: {type(step).__name__} (C kernels {'loaded' if compiled else 'not used'} in "
+            f"{compile_s:.2f} s; step built in {time.perf_counter() - start - compile_s:.2f} s)")
 
 
 def report(name: str, tokens_per_s: float, ratio: float, note: str) -> None:

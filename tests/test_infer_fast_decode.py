@@ -1,14 +1,22 @@
-"""The fused decode step (scratchlm.infer.fast_decode): its logits equal the model's own one-token
-forward for every pre-norm preset and switch, its greedy output equals the unfused path (batched
-and padded too), it refuses models it cannot mirror, follows weight changes, and leaves the
-model's parameters and state dict untouched."""
+"""The fast decode steps (scratchlm.infer.fast_decode), both the C kernels' `NativeDecodeStep`
+and the torch `FusedDecodeStep`: their logits equal the model's own one-token forward for every
+pre-norm preset and switch, their greedy output equals the unfused path (batched and padded
+too), they refuse models they cannot mirror, follow weight changes, and leave the model's
+parameters and state dict untouched."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scratchlm.infer.fast_decode import FusedDecodeStep, fused_step_for, supports
+from scratchlm.infer import native as native_lib
+from scratchlm.infer.fast_decode import (
+    FusedDecodeStep,
+    NativeDecodeStep,
+    fused_step_for,
+    supports,
+    supports_native,
+)
 from scratchlm.infer.generate import BatchDecoder, generate_ids, new_kv_cache
 from scratchlm.model.config import model_config
 from scratchlm.model.transformer import Transformer
@@ -40,11 +48,21 @@ VARIANTS = [
 ]
 
 
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Decode as if the C kernels could not be built (the torch fused step takes over)."""
+    monkeypatch.setattr(native_lib, "_LIBRARY", [None])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("preset,overrides", VARIANTS)
-def test_fused_step_logits_equal_model_forward(preset, overrides):
+def test_fused_step_logits_equal_model_forward(preset, overrides, native):
     model = make_model(preset, seed=3, **overrides)
-    step = fused_step_for(model)
-    assert isinstance(step, FusedDecodeStep)
+    step = fused_step_for(model, native=native)
+    expected = NativeDecodeStep if native and supports_native(model) else FusedDecodeStep
+    assert type(step) is expected
+    if native and native_lib.library() is not None:
+        assert (expected is NativeDecodeStep) == (not overrides.get("qk_norm"))
     ids = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
     with torch.inference_mode():
         ours, theirs = new_kv_cache(model, 2, 16), new_kv_cache(model, 2, 16)
@@ -60,12 +78,14 @@ def test_fused_step_logits_equal_model_forward(preset, overrides):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])
-def test_fused_greedy_equals_unfused_batched_and_padded(preset, monkeypatch):
-    import scratchlm.infer.generate as gen
-
-    monkeypatch.setattr(gen, "FUSED_MAX_ROWS", len(PROMPTS))  # the whole padded batch goes fused
+def test_fused_greedy_equals_unfused_batched_and_padded(preset, native, monkeypatch):
+    monkeypatch.setattr(FusedDecodeStep, "max_rows", len(PROMPTS))  # the whole padded batch goes fused
+    if not native:
+        monkeypatch.setattr(native_lib, "_LIBRARY", [None])
     model = make_model(preset, seed=4)
+    assert type(fused_step_for(model)) is (NativeDecodeStep if native_lib.library() else FusedDecodeStep)
     fused = generate_ids(model, PROMPTS, max_new_tokens=24)
     plain = generate_ids(model, PROMPTS, max_new_tokens=24, fused=False)
     alone = [generate_ids(model, [p], max_new_tokens=24, use_cache=False)[0] for p in PROMPTS]

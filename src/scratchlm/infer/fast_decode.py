@@ -1,18 +1,23 @@
-"""A faster one-token decode step for a plain Transformer: fused, pre-transposed projection weights.
+"""Faster one-token decode steps for a plain Transformer than its own forward.
 
-Decoding one token per row is a chain of matrix-vector products whose cost is reading the weights.
-On CPU, `x @ Wt` with the weight stored transposed and contiguous (`[in, out]`) reads it markedly
-faster than `F.linear(x, W)` at batch 1 (measured ~25% less CPU for this model's projections, ~3x
-for an 8192-wide output head; not at batch 8, see FUSED_MAX_ROWS), and fusing q/k/v and gate/up into one matrix each halves the number
-of matmul calls per layer. `FusedDecodeStep` holds such copies, built from a model's weights once,
-and runs `Transformer.forward` for one new token per row with them; everything else (embedding,
-positions, masks, norms, RoPE, attention, the KV cache) is the model's own code, so the result
-equals the model's up to float rounding order in the matmuls.
+Decoding one token per row is a chain of matrix-vector products whose cost is reading the
+weights, plus many small ops per layer. Two steps here run `Transformer.forward` for one new
+token per row; embedding, positions, RoPE tables and masks are the model's own code in both:
 
-The copies cost one extra set of block and head weights in memory; `fused_step_for(model)` builds
-them lazily, keeps them with the model, and rebuilds them if any source weight changes. Models it
-cannot mirror exactly (LoRA or quantized layers swapped in, post-norm blocks, autocast, training
-mode) get None and decode through the model itself.
+- `NativeDecodeStep` (the default where `scratchlm.infer.native` can build its C kernels): every
+  projection and the head read from packed copies of the weights (panels of 32 output columns,
+  each a sequential stream) once per step for up to 8 rows, so memory bandwidth, not the kernel,
+  sets the speed at batch 1 and batch 8 alike; norms, RoPE with the cache write, attention over
+  the cache and SiLU gating are one C call each. Any number of rows; fp32; no QK-norm.
+- `FusedDecodeStep` (the torch fallback): q/k/v and gate/up fused into one matrix each and every
+  projection stored transposed-contiguous (`x @ Wt`), which reads weights ~25% faster than
+  `F.linear` at batch 1 but not at batch 8 (see FUSED_MAX_ROWS).
+
+Both equal the model's forward up to float rounding order. The copies cost one extra set of block
+and head weights in memory; `fused_step_for(model)` builds them lazily, keeps them with the model,
+and rebuilds them if any source weight changes. Models they cannot mirror exactly (LoRA or
+quantized layers swapped in, post-norm blocks, autocast, training mode) get None and decode
+through the model itself.
 Not for prefill or training (the model's own forward does those), nor a change to the model's
 parameters, names or state dict: LoRA, quantization and export never see these copies.
 """
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.model.layers import apply_rope, attend
+from scratchlm.model.layers import RMSNorm, apply_rope, attend
 
 # Batch sizes up to which the fused step is the faster path. Measured on the 2-core Zen 4 box
 # (docs/benchmarks.md, Inference): 1.30x less CPU per token at one row, but 0.92x (slower) at 8
@@ -35,14 +40,16 @@ FUSED_MAX_ROWS = 1
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, FusedDecodeStep]" = weakref.WeakKeyDictionary()
 
 
-def fused_step_for(model) -> "FusedDecodeStep | None":
-    """The model's fused decode step (built on first use, rebuilt when its weights change), or
-    None when the model is not one this step mirrors exactly."""
+def fused_step_for(model, native: bool = True) -> "FusedDecodeStep | NativeDecodeStep | None":
+    """The model's fast decode step (built on first use, rebuilt when its weights change): the
+    C kernels' `NativeDecodeStep` where they can run it (and `native`), else the torch
+    `FusedDecodeStep`, or None when the model is not one these steps mirror exactly."""
     if not supports(model):
         return None
+    kind = NativeDecodeStep if native and supports_native(model) else FusedDecodeStep
     step = _STEPS.get(model)
-    if step is None or step.signature != weight_signature(model):
-        step = FusedDecodeStep(model)
+    if type(step) is not kind or step.signature != weight_signature(model):
+        step = kind(model)
         _STEPS[model] = step
     return step
 
@@ -161,6 +168,8 @@ class FusedDecodeStep:
     """`model(next_ids, kv_cache=cache, positions=..., attn_mask=...)` for one token per row,
     through fused transposed weights. Returns logits `[B, vocab]`."""
 
+    max_rows = FUSED_MAX_ROWS  # larger batches are faster through the model's own forward
+
     def __init__(self, model) -> None:
         self.model = model
         self.signature = weight_signature(model)
@@ -181,3 +190,186 @@ class FusedDecodeStep:
             h = layer(h, rope, mask, kv_cache)
         kv_cache.advance(1)
         return _project(model.norm(h), self.head_t, self.head_b)
+
+
+# ---- the native step: C kernels over packed weights ---------------------------------------------
+
+
+def supports_native(model) -> bool:
+    """True where the C kernels can run the whole step: fp32 CPU weights, no QK-norm, and the
+    library built (see `scratchlm.infer.native`)."""
+    from scratchlm.infer import native
+
+    if not supports(model) or native.library() is None:
+        return False
+    if any(block.attn.q_norm is not None for block in model.layers):
+        return False
+    tensors = [lin.weight for lin in _source_linears(model)] + [model.tok_embeddings.weight]
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _pack(*linears: nn.Linear) -> torch.Tensor:
+    from scratchlm.infer.native import pack_weight
+
+    return pack_weight(torch.cat([lin.weight.detach() for lin in linears], dim=0))
+
+
+class Workspace:
+    """Preallocated activations for up to `rows` rows (a step of B rows uses the first B)."""
+
+    def __init__(self, model, rows: int, max_len: int) -> None:
+        cfg = model.config
+        d_q, d_kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        d_in = 2 * cfg.d_ff if cfg.activation == "swiglu" else cfg.d_ff
+        self.rows, self.max_len = rows, max_len
+
+        def buffer(width: int) -> torch.Tensor:
+            return torch.zeros(rows, width, dtype=torch.float32)
+
+        self.x, self.normed = buffer(cfg.d_model), buffer(cfg.d_model)  # residual stream, its norm
+        self.qkv, self.q, self.attn = buffer(d_q + 2 * d_kv), buffer(d_q), buffer(d_q)
+        self.hidden, self.act = buffer(d_in), buffer(cfg.d_ff)
+        self.scores = torch.zeros(max_len, dtype=torch.float32)
+        for name in ("x", "normed", "qkv", "q", "attn", "hidden", "act", "scores"):
+            setattr(self, f"{name}_p", getattr(self, name).data_ptr())
+
+
+class NativeLayer:
+    """One pre-norm block through the C kernels; its projections packed (q/k/v and gate/up
+    each as one matrix), norms and activations as the block's own modules define them."""
+
+    def __init__(self, block) -> None:
+        attn, mlp = block.attn, block.mlp
+        with torch.no_grad():
+            self.qkv = _pack(attn.q_proj, attn.k_proj, attn.v_proj)
+            self.qkv_b = _joined_bias(attn.q_proj, attn.k_proj, attn.v_proj)
+            self.o, self.o_b = _pack(attn.o_proj), _joined_bias(attn.o_proj)
+            ins = (mlp.gate_proj, mlp.up_proj) if mlp.gate_proj is not None else (mlp.up_proj,)
+            self.inp, self.inp_b = _pack(*ins), _joined_bias(*ins)
+            self.down, self.down_b = _pack(mlp.down_proj), _joined_bias(mlp.down_proj)
+        self.attn_norm, self.mlp_norm = block.attn_norm, block.mlp_norm
+        self.layer_idx = attn.layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
+        self.d_model, self.d_ff = attn.o_proj.out_features, mlp.down_proj.in_features
+        self.d_in = self.inp_b.numel() if self.inp_b is not None else sum(m.out_features for m in ins)
+        self.gated = mlp.gate_proj is not None
+        self.activation, self.gelu_approximation = mlp.activation, mlp.gelu_approximation
+
+    def __call__(self, lib, ws: Workspace, B: int, rope, mask, kv_cache) -> None:
+        """Updates the residual stream `ws.x[:B]` in place and writes this token's key/value."""
+        H, Hkv, D, d = self.n_head, self.n_kv_head, self.head_dim, self.d_model
+        width = (H + 2 * Hkv) * D
+        keys, values = kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx]
+        S, pos = kv_cache.max_len, kv_cache.length
+        _norm(lib, self.attn_norm, ws, B)
+        lib.linear_packed_f32(ws.normed_p, B, d, self.qkv.data_ptr(), width, _ptr(self.qkv_b),
+                              ws.qkv_p, width, 0)
+        cos_p, sin_p = rope if rope is not None else (None, None)
+        lib.qkv_to_cache_f32(ws.qkv_p, B, H, Hkv, D, cos_p, sin_p, ws.q_p, keys.data_ptr(),
+                             values.data_ptr(), S, pos)
+        mask_p, mask_stride = mask if mask is not None else (None, 0)
+        lib.attend_decode_f32(ws.q_p, keys.data_ptr(), values.data_ptr(), B, H, Hkv, D, S, pos + 1,
+                              mask_p, mask_stride, D ** -0.5, ws.attn_p, ws.scores_p)
+        # the residual connections are folded into the output projections (accumulate=1)
+        lib.linear_packed_f32(ws.attn_p, B, H * D, self.o.data_ptr(), d, _ptr(self.o_b), ws.x_p, d, 1)
+        _norm(lib, self.mlp_norm, ws, B)
+        lib.linear_packed_f32(ws.normed_p, B, d, self.inp.data_ptr(), self.d_in, _ptr(self.inp_b),
+                              ws.hidden_p, self.d_in, 0)
+        self._activate(lib, ws, B)
+        lib.linear_packed_f32(ws.act_p, B, self.d_ff, self.down.data_ptr(), d, _ptr(self.down_b),
+                              ws.x_p, d, 1)
+
+    def _activate(self, lib, ws: Workspace, B: int) -> None:
+        """ws.act[:B] = the MLP's activation of ws.hidden[:B] (SiLU gating in C, others in torch)."""
+        if self.gated:
+            lib.silu_mul_f32(ws.hidden_p, B, self.d_ff, ws.act_p)
+            return
+        h = ws.hidden[:B]
+        if self.activation == "gelu":
+            ws.act[:B] = F.gelu(h, approximate=self.gelu_approximation)
+        elif self.activation == "relu2":
+            ws.act[:B] = F.relu(h).square()
+        else:
+            ws.act[:B] = F.relu(h)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _norm(lib, norm: nn.Module, ws: Workspace, B: int) -> None:
+    """ws.normed[:B] = norm(ws.x[:B]): RMSNorm in C, anything else (LayerNorm) through torch."""
+    if isinstance(norm, RMSNorm):
+        lib.rmsnorm_f32(ws.x_p, B, ws.x.shape[1], norm.weight.data_ptr(), norm.eps, ws.normed_p)
+    else:
+        ws.normed[:B] = norm(ws.x[:B])
+
+
+class NativeDecodeStep:
+    """`model(next_ids, kv_cache=cache, positions=..., attn_mask=...)` for one token per row
+    through the C kernels, for any number of rows. Returns logits `[B, vocab]`.
+
+    Embedding, positions, RoPE tables and the mask come from the model's own code; the blocks
+    and the head run in C over packed copies of the weights, which are read from memory once
+    per step for up to 8 rows, so a batch costs about what one row does."""
+
+    max_rows = None  # any batch size
+
+    def __init__(self, model) -> None:
+        from scratchlm.infer import native
+
+        self.model, self.lib = model, native.library()
+        self.signature = weight_signature(model)
+        self.layers = [NativeLayer(block) for block in model.layers]
+        with torch.no_grad():
+            self.head, self.head_b = _pack(model.lm_head), _joined_bias(model.lm_head)
+        self.final_norm = model.norm
+        self.vocab_size = model.lm_head.out_features
+        self.workspace: Workspace | None = None
+
+    def __call__(self, next_ids: torch.Tensor, kv_cache, positions: torch.Tensor | None = None,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        model, lib = self.model, self.lib
+        B = next_ids.shape[0]
+        _check_step(next_ids, kv_cache)
+        if positions is None:
+            positions = model.default_positions(next_ids, kv_cache)
+        ws = self._workspace(B, kv_cache.max_len)
+        ws.x[:B] = model.embed(next_ids, positions)[:, 0]
+        rope, mask = model.attention_inputs(positions, attn_mask, None, kv_cache)
+        rope_p = None
+        if rope is not None:  # [B, 1, 1, D] each -> [B, D] contiguous
+            rope = tuple(t.reshape(B, -1).contiguous() for t in rope)
+            rope_p = (rope[0].data_ptr(), rope[1].data_ptr())
+        mask_p = None
+        if mask is not None:  # [B|1, 1, 1, L] bool -> [B, L] bytes
+            mask = mask.reshape(mask.shape[0], -1).expand(B, -1).contiguous()
+            mask_p = (mask.data_ptr(), mask.shape[1])
+        for layer in self.layers:
+            layer(lib, ws, B, rope_p, mask_p, kv_cache)
+        kv_cache.advance(1)
+        _norm(lib, self.final_norm, ws, B)
+        logits = torch.empty(B, self.vocab_size, dtype=torch.float32)
+        lib.linear_packed_f32(ws.normed_p, B, ws.x.shape[1], self.head.data_ptr(), self.vocab_size,
+                              _ptr(self.head_b), logits.data_ptr(), self.vocab_size, 0)
+        return logits
+
+    def _workspace(self, rows: int, max_len: int) -> Workspace:
+        ws = self.workspace
+        if ws is None or ws.rows < rows or ws.max_len < max_len:
+            ws = self.workspace = Workspace(self.model, rows, max_len)
+        return ws
+
+
+def _check_step(next_ids: torch.Tensor, kv_cache) -> None:
+    """The checks `KVCache.update` would make, plus the layout the kernels assume."""
+    B, T = next_ids.shape
+    if T != 1:
+        raise ValueError(f"the native decode step takes one token per row, got {T}")
+    if kv_cache.length + 1 > kv_cache.max_len:
+        raise ValueError(f"KV cache full: {kv_cache.length} + 1 positions exceed max_len {kv_cache.max_len}")
+    if B > kv_cache.batch_size:
+        raise ValueError(f"batch of {B} does not fit a KV cache made for {kv_cache.batch_size}")
+    buffers = kv_cache.keys + kv_cache.values
+    if any(b.dtype != torch.float32 or b.device.type != "cpu" or not b.is_contiguous() for b in buffers):
+        raise ValueError("the native decode step needs contiguous fp32 CPU KV cache buffers")

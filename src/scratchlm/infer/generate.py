@@ -5,8 +5,9 @@ The layers, bottom up:
   and an attention mask make each row see exactly what it would see alone), runs the prompt
   through the model once (prefill) into a preallocated `KVCache`, then decodes one token per row
   per step. Stop ids, `max_new_tokens` and `ignore_eos` end rows; rows that finish are dropped
-  from the batch so the rest decode faster. Steps of a single row go through `fast_decode`'s fused,
-  pre-transposed weights when the model allows it (`fused=False` uses the model's forward).
+  from the batch so the rest decode faster. Decode steps go through `fast_decode`'s C kernels
+  over packed weights when the model allows it (any number of rows; without a C compiler, one-row
+  steps use its torch fused step instead); `fused=False` uses the model's forward.
   `use_cache=False` recomputes the whole sequence each
   step (the slow reference path tests and benchmarks compare against).
 - `IncrementalDecoder` / `StopMatcher`: text level. Token bytes become text only once a UTF-8
@@ -31,7 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from scratchlm.errors import UserError
-from scratchlm.infer.fast_decode import FUSED_MAX_ROWS, fused_step_for
+from scratchlm.infer.fast_decode import fused_step_for
 from scratchlm.infer.sampling import GREEDY, Sampler, SamplingParams
 
 OVERFLOW_CHOICES = ("error", "truncate")
@@ -175,9 +176,8 @@ class BatchDecoder:
         self.any_pad = bool((self.pad > 0).any())
         self.active = torch.arange(len(prompts), device=self.device)  # batch row -> original row
         self.cache = new_kv_cache(model, len(prompts), self.ids.shape[1] + max_new_tokens) if use_cache else None
-        # One-row, one-token steps through fused, pre-transposed weights where the model allows
-        # (see fast_decode: same numbers up to matmul rounding order, less CPU per token).
-        # Built on the first such step, so batches that never shrink to one row never pay for it.
+        # Decode steps through fast_decode's step where the model allows (same numbers up to
+        # matmul rounding order, less CPU per token); built on the first decode step.
         self.fused = use_cache and fused
         self.fused_step = None
         self.next_input: torch.Tensor | None = None  # [B, 1] token fed at the next step
@@ -231,12 +231,11 @@ class BatchDecoder:
             logits = self.model(self.ids, kv_cache=self.cache, **self._padding_args(0, width))
             return logits[:, -1, :]
         start = self.cache.length
-        if self.fused and len(self.next_input) <= FUSED_MAX_ROWS:
-            if self.fused_step is None:
-                self.fused_step = fused_step_for(self.model)
-                self.fused = self.fused_step is not None
-            if self.fused_step is not None:
-                return self.fused_step(self.next_input, self.cache, **self._padding_args(start, 1))
+        if self.fused and self.fused_step is None:
+            self.fused_step = fused_step_for(self.model)
+            self.fused = self.fused_step is not None
+        if self.fused and _takes_rows(self.fused_step, len(self.next_input)):
+            return self.fused_step(self.next_input, self.cache, **self._padding_args(start, 1))
         logits = self.model(self.next_input, kv_cache=self.cache, **self._padding_args(start, 1))
         return logits[:, -1, :]
 
@@ -265,6 +264,11 @@ class BatchDecoder:
         # Columns that are padding in every remaining row can go too, but the cache is static;
         # keeping them costs little and keeps positions simple.
         self.any_pad = bool((self.pad > 0).any())
+
+
+def _takes_rows(step, rows: int) -> bool:
+    """Whether a fast decode step is the faster path for a step of `rows` rows."""
+    return step.max_rows is None or rows <= step.max_rows
 
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

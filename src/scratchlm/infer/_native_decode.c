@@ -1,0 +1,195 @@
+/* Hot loops of a one-token-per-row decode step, in plain C (no Python or torch headers).
+ *
+ * Decoding one token per row reads every weight once per step and does a few multiply-adds with
+ * it, so its speed is memory bandwidth plus per-op overhead. These loops read an `nn.Linear`
+ * weight in its own [out, in] layout once for up to 8 rows at a time (a row's result never
+ * depends on how many rows share the pass, so batched output equals one-by-one output exactly),
+ * and fuse the small per-layer steps (RMSNorm, RoPE + cache write, attention over the cache,
+ * SiLU-gating) into single calls. `scratchlm.infer.native` compiles this file and calls it
+ * through ctypes; everything is fp32, contiguous, on the CPU. Not for prefill or training (large
+ * matrix products belong to BLAS), nor for anything that needs gradients.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define VERSION 1
+
+/* 16 floats (one AVX-512 register where available; the compiler splits it elsewhere), loaded
+ * from any 4-byte-aligned address. */
+typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+static inline float hsum(v16 v) {
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+int native_version(void) { return VERSION; }
+
+/* Weights are packed in panels of PANEL output columns: panel p holds w[p*PANEL:(p+1)*PANEL, :]
+ * transposed, [K, PANEL] contiguous (zero-padded past N), so a pass over one panel reads one
+ * sequential stream and each step of k is two vector loads broadcast-multiplied by x[m, k]. No
+ * horizontal sums; every output is one sequential sum over k whatever the number of rows. */
+#define PANEL 32
+
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int MR, int64_t K,
+                                                             const float *wp, const float *bias,
+                                                             float *y, int64_t ldy, int64_t col,
+                                                             int64_t N, int accumulate) {
+    v16 a0[8], a1[8];
+    for (int m = 0; m < MR; m++) a0[m] = a1[m] = (v16){0};
+    for (int64_t k = 0; k < K; k++) {
+        v16 w0 = *(const v16 *)(wp + k * PANEL), w1 = *(const v16 *)(wp + k * PANEL + 16);
+        for (int m = 0; m < MR; m++) {
+            float xs = x[m * K + k];
+            a0[m] += w0 * xs;
+            a1[m] += w1 * xs;
+        }
+    }
+    int64_t width = N - col < PANEL ? N - col : PANEL;
+    for (int m = 0; m < MR; m++) {
+        float *out = y + m * ldy + col;
+        for (int64_t j = 0; j < width; j++) {
+            float v = j < 16 ? a0[m][j] : a1[m][j - 16];
+            if (bias) v += bias[col + j];
+            out[j] = accumulate ? out[j] + v : v;
+        }
+    }
+}
+
+#define DEFINE_PANEL_ROWS(MR)                                                                     \
+    static void panel_rows_##MR(const float *x, int64_t K, const float *wp, const float *bias,   \
+                                float *y, int64_t ldy, int64_t col, int64_t N, int acc) {         \
+        panel_rows(x, MR, K, wp, bias, y, ldy, col, N, acc);                                      \
+    }
+DEFINE_PANEL_ROWS(1)
+DEFINE_PANEL_ROWS(2)
+DEFINE_PANEL_ROWS(3)
+DEFINE_PANEL_ROWS(4)
+DEFINE_PANEL_ROWS(5)
+DEFINE_PANEL_ROWS(6)
+DEFINE_PANEL_ROWS(7)
+DEFINE_PANEL_ROWS(8)
+
+typedef void (*panel_rows_fn)(const float *, int64_t, const float *, const float *, float *,
+                              int64_t, int64_t, int64_t, int);
+static const panel_rows_fn PANEL_ROWS[9] = {0, panel_rows_1, panel_rows_2, panel_rows_3,
+                                            panel_rows_4, panel_rows_5, panel_rows_6,
+                                            panel_rows_7, panel_rows_8};
+
+int panel_width(void) { return PANEL; }
+
+/* y [M, N] = x [M, K] @ w^T (+ bias [N]) with w packed in panels (see above), or y += that
+ * when `accumulate` (a residual connection); output row m starts at y + m * ldy. Rows go 8 at a
+ * time: the weights are read from memory once per 8 rows. */
+void linear_packed_f32(const float *x, int64_t M, int64_t K, const float *wp, int64_t N,
+                       const float *bias, float *y, int64_t ldy, int accumulate) {
+    int64_t panels = (N + PANEL - 1) / PANEL;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        int rows = M - m0 < 8 ? (int)(M - m0) : 8;
+        for (int64_t p = 0; p < panels; p++)
+            PANEL_ROWS[rows](x + m0 * K, K, wp + p * K * PANEL, bias, y + m0 * ldy, ldy,
+                             p * PANEL, N, accumulate);
+    }
+}
+
+/* y [M, K] = weight * (x / sqrt(mean(x^2) + eps)), as the model's RMSNorm computes it in fp32. */
+void rmsnorm_f32(const float *x, int64_t M, int64_t K, const float *weight, float eps, float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        float ss = 0.0f;
+        for (int64_t k = 0; k < K; k++) ss += xr[k] * xr[k];
+        float scale = 1.0f / sqrtf(ss / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) y[m * K + k] = weight[k] * (xr[k] * scale);
+    }
+}
+
+/* HF Llama's rotate-half RoPE of one head vector: out = x * cos + rotate_half(x) * sin. */
+static void rope_head(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
+    int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+    for (int64_t i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+/* Splits fused qkv rows [B, (H + 2*Hkv) * D] into rotated queries q [B, H, D] and writes the
+ * rotated key and the value of each row at slot `pos` of the cache buffers [Bmax, Hkv, S, D].
+ * cos/sin are [B, D] (one position per row), or NULL for models without RoPE. */
+void qkv_to_cache_f32(const float *qkv, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                      const float *cos, const float *sin, float *q, float *kcache, float *vcache,
+                      int64_t S, int64_t pos) {
+    int64_t width = (H + 2 * Hkv) * D;
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = qkv + b * width;
+        const float *c = cos ? cos + b * D : 0, *s = sin ? sin + b * D : 0;
+        for (int64_t h = 0; h < H; h++) {
+            if (c) rope_head(row + h * D, c, s, D, q + (b * H + h) * D);
+            else memcpy(q + (b * H + h) * D, row + h * D, D * sizeof(float));
+        }
+        for (int64_t h = 0; h < Hkv; h++) {
+            int64_t slot = ((b * Hkv + h) * S + pos) * D;
+            const float *k = row + (H + h) * D, *v = row + (H + Hkv + h) * D;
+            if (c) rope_head(k, c, s, D, kcache + slot);
+            else memcpy(kcache + slot, k, D * sizeof(float));
+            memcpy(vcache + slot, v, D * sizeof(float));
+        }
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t D) {
+    v16 acc = (v16){0};
+    int64_t i = 0;
+    for (; i + 16 <= D; i += 16) acc += *(const v16 *)(a + i) * *(const v16 *)(b + i);
+    float s = hsum(acc);
+    for (; i < D; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One query per row and head attends over cache slots 0..L-1 of buffers [Bmax, Hkv, S, D]:
+ * out [B, H, D] = softmax(q k^T * scale) v, query head h reading key/value head h / (H / Hkv).
+ * mask (NULL: every slot) is [B, L] bytes at row stride mask_stride, nonzero = may attend; the
+ * caller guarantees each row may attend somewhere. `scores` is scratch for L floats. */
+void attend_decode_f32(const float *q, const float *kcache, const float *vcache, int64_t B,
+                       int64_t H, int64_t Hkv, int64_t D, int64_t S, int64_t L,
+                       const uint8_t *mask, int64_t mask_stride, float scale, float *out,
+                       float *scores) {
+    int64_t group = H / Hkv;
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *visible = mask ? mask + b * mask_stride : 0;
+        for (int64_t h = 0; h < H; h++) {
+            const float *qh = q + (b * H + h) * D;
+            const float *kh = kcache + (b * Hkv + h / group) * S * D;
+            const float *vh = vcache + (b * Hkv + h / group) * S * D;
+            float best = -INFINITY;
+            for (int64_t t = 0; t < L; t++) {
+                if (visible && !visible[t]) continue;
+                scores[t] = dot(qh, kh + t * D, D) * scale;
+                if (scores[t] > best) best = scores[t];
+            }
+            float total = 0.0f;
+            for (int64_t t = 0; t < L; t++) {
+                scores[t] = (visible && !visible[t]) ? 0.0f : expf(scores[t] - best);
+                total += scores[t];
+            }
+            float *o = out + (b * H + h) * D;
+            for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+            for (int64_t t = 0; t < L; t++) {
+                if (scores[t] == 0.0f) continue;
+                float p = scores[t] / total;
+                const float *vt = vh + t * D;
+                for (int64_t i = 0; i < D; i++) o[i] += p * vt[i];
+            }
+        }
+    }
+}
+
+/* h [M, 2F] = gate | up side by side (the fused gate-up output) -> out [M, F] = silu(gate) * up. */
+void silu_mul_f32(const float *h, int64_t M, int64_t F, float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *gate = h + m * 2 * F, *up = gate + F;
+        for (int64_t f = 0; f < F; f++) {
+            float g = gate[f];
+            out[m * F + f] = (g / (1.0f + expf(-g))) * up[f];
+        }
+    }
+}
