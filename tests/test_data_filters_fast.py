@@ -77,6 +77,10 @@ def oracle_ngrams(words: list[str], n: int) -> tuple[int, int, int]:
 def fast_ngrams(stats, n: int) -> tuple[int, int, int]:
     grams = filters._fastfilters.ngrams(stats.ids, stats.lengths)
     count, chars = grams.top(n)
+    # the bound that lets the filter skip the count: at least count x chars of the top n-gram
+    # when it occurs twice or more
+    bound = grams.top_bound(n)
+    assert count < 2 or bound >= count * chars, (n, bound, count, chars)
     return count, chars, grams.repeated_chars(n)
 
 

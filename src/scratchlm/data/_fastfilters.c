@@ -645,17 +645,22 @@ done:
 
 /* -- n-grams of the words ---------------------------------------------------------------------- */
 /* An Ngrams object holds a document's word ids (equal ids = equal words) and lengths, and
-   answers, for any n, the count and length of the most frequent n-gram and the characters
-   covered by repeated n-grams. An n-gram is hashed only at a "candidate" position, where it
-   can occur twice: each of its words occurs twice (n <= 2), or each of its bigrams does
-   (n >= 3). Elsewhere it occurs once, so skipping it changes no count. */
+   answers, for any n, the count and length of the most frequent n-gram, the characters covered
+   by repeated n-grams, and a cheap upper bound of count x length of the most frequent n-gram.
+   Exact counts need a hash table, and a branch per position that the predictor cannot guess;
+   so first, without a branch, each bigram gets an upper bound of how often it occurs: the
+   smaller of its two words' counts and the count of its bucket in a table of counters indexed
+   by a hash of the pair (collisions only add). An n-gram can occur twice only at a "candidate"
+   position, where each of its words (n = 1) or bigrams (n >= 2) has a bound of 2 or more;
+   elsewhere it occurs once, so hashing only the candidates changes no count. In prose about 1
+   position in 3 is a bigram candidate, and 1 in 100 a 5-gram candidate. */
 typedef struct {
     PyObject_HEAD
     Py_buffer ids_buf, lengths_buf;
     const uint32_t *ids, *lengths;
     Py_ssize_t words;
-    uint32_t *word_counts;          /* per word id; made on first use */
-    unsigned char *bigram_repeats;  /* per position: its bigram occurs twice or more; ditto */
+    uint32_t *word_counts;    /* per word id; made on first use */
+    uint32_t *bigram_bounds;  /* per position p < words - 1: at least the count of its bigram */
 } NgramsObject;
 
 /* The distinct n-grams at the candidate positions, in order of first appearance. */
@@ -674,15 +679,55 @@ static void interned_free(Interned *in) {
     PyMem_Free(in->first);
 }
 
-static int ensure_word_counts(NgramsObject *g) {
-    if (g->word_counts) return 0;
-    g->word_counts = PyMem_Calloc((size_t)g->words + 1, sizeof(uint32_t));
-    if (!g->word_counts) { PyErr_NoMemory(); return -1; }
-    for (Py_ssize_t p = 0; p < g->words; p++) g->word_counts[g->ids[p]]++;
+static int ensure_bounds(NgramsObject *g) {
+    if (g->bigram_bounds) return 0;
+    Py_ssize_t words = g->words, pairs = words > 1 ? words - 1 : 0;
+    const uint32_t *ids = g->ids;
+    size_t size = 64;
+    while (size < 2 * (size_t)pairs && size < ((size_t)1 << 22)) size <<= 1;
+    int shift = 64 - __builtin_ctzll(size);
+    uint32_t *wc = PyMem_Calloc((size_t)words + 1, sizeof(uint32_t));
+    uint32_t *buckets = PyMem_Calloc(size, sizeof(uint32_t));
+    uint32_t *bounds = PyMem_Malloc(((size_t)pairs + 1) * sizeof(uint32_t));
+    if (!wc || !buckets || !bounds) {
+        PyMem_Free(wc); PyMem_Free(buckets); PyMem_Free(bounds);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t p = 0; p < words; p++) wc[ids[p]]++;
+    /* multiply-shift hashing of the pair: the top bits of a product */
+#define PAIR_BUCKET(p) \
+    ((size_t)((((uint64_t)ids[p] << 32 | ids[(p) + 1]) * 0x9e3779b97f4a7c15ULL) >> shift))
+    for (Py_ssize_t p = 0; p < pairs; p++) buckets[PAIR_BUCKET(p)]++;
+    for (Py_ssize_t p = 0; p < pairs; p++) {
+        uint32_t bound = buckets[PAIR_BUCKET(p)], a = wc[ids[p]], b = wc[ids[p + 1]];
+        bound = a < bound ? a : bound;
+        bounds[p] = b < bound ? b : bound;
+    }
+#undef PAIR_BUCKET
+    PyMem_Free(buckets);
+    g->word_counts = wc;
+    g->bigram_bounds = bounds;
     return 0;
 }
 
-static int ensure_bigram_repeats(NgramsObject *g);
+/* For each n-gram position p, in order, the smallest bound of its bigrams (its word's count
+   for n = 1): an upper bound of how often the n-gram occurs. */
+#define FOR_EACH_NGRAM_BOUND(g, n, p, bound, BODY)                                           \
+    do {                                                                                     \
+        Py_ssize_t count_ = (g)->words - (n) + 1;                                            \
+        for (Py_ssize_t p = 0; p < count_; p++) {                                            \
+            uint32_t bound;                                                                  \
+            if ((n) == 1) {                                                                  \
+                bound = (g)->word_counts[(g)->ids[p]];                                       \
+            } else {                                                                         \
+                bound = (g)->bigram_bounds[p];                                               \
+                for (Py_ssize_t k_ = 1; k_ < (n) - 1; k_++)                                  \
+                    if ((g)->bigram_bounds[p + k_] < bound) bound = (g)->bigram_bounds[p + k_]; \
+            }                                                                                \
+            BODY                                                                             \
+        }                                                                                    \
+    } while (0)
 
 ALWAYS_INLINE uint64_t ngram_hash(const uint32_t *ids, Py_ssize_t n) {
     uint64_t h = (uint64_t)n;
@@ -694,29 +739,21 @@ static int intern_ngrams(NgramsObject *g, Py_ssize_t n, Interned *in) {
     memset(in, 0, sizeof *in);
     Py_ssize_t count = g->words - n + 1; /* n-grams in the document */
     if (count <= 0) return 0;
-    if (ensure_word_counts(g) < 0 || (n >= 3 && ensure_bigram_repeats(g) < 0)) return -1;
+    if (ensure_bounds(g) < 0) return -1;
     in->positions = PyMem_Malloc((size_t)count * sizeof(Py_ssize_t));
     if (!in->positions) { PyErr_NoMemory(); return -1; }
-    const uint32_t *ids = g->ids, *wc = g->word_counts;
-    Py_ssize_t m = 0; /* branch-free selection: about half the words repeat, at random */
-    if (n == 1) {
-        for (Py_ssize_t p = 0; p < count; p++) {
+    const uint32_t *ids = g->ids;
+    Py_ssize_t m = 0; /* branch-free selection */
+    if (n <= 2) {
+        FOR_EACH_NGRAM_BOUND(g, n, p, bound, {
             in->positions[m] = p;
-            m += wc[ids[p]] >= 2;
-        }
-    } else if (n == 2) {
-        unsigned before = wc[ids[0]] >= 2;
-        for (Py_ssize_t p = 0; p < count; p++) {
-            unsigned after = wc[ids[p + 1]] >= 2;
-            in->positions[m] = p;
-            m += before & after;
-            before = after;
-        }
-    } else { /* bigrams p .. p+n-2 all repeat: a run of n-1 repeating bigrams ends at p+n-2 */
+            m += bound >= 2;
+        });
+    } else { /* a run of n-1 bigrams with bounds >= 2 ends at p+n-2 */
         Py_ssize_t run = 0;
-        const unsigned char *repeats = g->bigram_repeats;
+        const uint32_t *bounds = g->bigram_bounds;
         for (Py_ssize_t q = 0; q < g->words - 1; q++) {
-            run = (run + 1) & -(Py_ssize_t)repeats[q];
+            run = (run + 1) & -(Py_ssize_t)(bounds[q] >= 2);
             in->positions[m] = q - (n - 2);
             m += run >= n - 1;
         }
@@ -767,18 +804,6 @@ static int intern_ngrams(NgramsObject *g, Py_ssize_t n, Interned *in) {
     return 0;
 }
 
-static int ensure_bigram_repeats(NgramsObject *g) {
-    if (g->bigram_repeats) return 0;
-    Interned in;
-    if (intern_ngrams(g, 2, &in) < 0) { interned_free(&in); return -1; }
-    g->bigram_repeats = PyMem_Calloc((size_t)g->words + 1, 1);
-    if (!g->bigram_repeats) { interned_free(&in); PyErr_NoMemory(); return -1; }
-    for (Py_ssize_t k = 0; k < in.candidates; k++)
-        g->bigram_repeats[in.positions[k]] = in.counts[in.index[k]] >= 2;
-    interned_free(&in);
-    return 0;
-}
-
 static Py_ssize_t ngram_chars(NgramsObject *g, Py_ssize_t p, Py_ssize_t n) {
     Py_ssize_t chars = 0;
     for (Py_ssize_t k = 0; k < n; k++) chars += g->lengths[p + k];
@@ -824,6 +849,23 @@ static PyObject *ngrams_top(NgramsObject *g, PyObject *arg) {
     return Py_BuildValue("nn", best_count, best_chars);
 }
 
+/* At least count x chars of every n-gram that occurs twice or more (0 when none can): the top
+   n-gram rule cannot fail when this is within its limit, and the exact count is not needed. */
+static PyObject *ngrams_top_bound(NgramsObject *g, PyObject *arg) {
+    Py_ssize_t n;
+    if (parse_n(arg, &n) < 0) return NULL;
+    if (g->words < n) return PyLong_FromLong(0);
+    if (ensure_bounds(g) < 0) return NULL;
+    uint64_t best = 0;
+    Py_ssize_t chars = ngram_chars(g, 0, n);
+    FOR_EACH_NGRAM_BOUND(g, n, p, bound, {
+        if (p > 0) chars += (Py_ssize_t)g->lengths[p + n - 1] - (Py_ssize_t)g->lengths[p - 1];
+        uint64_t product = bound >= 2 ? (uint64_t)bound * (uint64_t)chars : 0;
+        best = product > best ? product : best;
+    });
+    return PyLong_FromUnsignedLongLong(best);
+}
+
 /* Characters of the words covered by an n-gram occurrence that repeats an earlier one. */
 static PyObject *ngrams_repeated_chars(NgramsObject *g, PyObject *arg) {
     Py_ssize_t n, chars = 0, covered_to = 0;
@@ -845,13 +887,15 @@ static void ngrams_dealloc(NgramsObject *g) {
     PyBuffer_Release(&g->ids_buf);
     PyBuffer_Release(&g->lengths_buf);
     PyMem_Free(g->word_counts);
-    PyMem_Free(g->bigram_repeats);
+    PyMem_Free(g->bigram_bounds);
     PyObject_Free(g);
 }
 
 static PyMethodDef ngrams_methods[] = {
     {"top", (PyCFunction)ngrams_top, METH_O,
      "top(n) -> (count, chars) of the most frequent n-gram, the longest of equally frequent ones"},
+    {"top_bound", (PyCFunction)ngrams_top_bound, METH_O,
+     "top_bound(n) -> at least count x chars of every n-gram occurring twice or more"},
     {"repeated_chars", (PyCFunction)ngrams_repeated_chars, METH_O,
      "repeated_chars(n) -> characters of the words covered by repeated n-gram occurrences"},
     {NULL, NULL, 0, NULL},
@@ -873,7 +917,7 @@ static PyObject *ngrams_new(PyObject *self, PyObject *args) {
     NgramsObject *g = PyObject_New(NgramsObject, &NgramsType);
     if (!g) return NULL;
     g->word_counts = NULL;
-    g->bigram_repeats = NULL;
+    g->bigram_bounds = NULL;
     g->lengths_buf.obj = NULL;
     if (PyObject_GetBuffer(ids, &g->ids_buf, PyBUF_SIMPLE) < 0) {
         g->ids_buf.obj = NULL;

@@ -427,7 +427,12 @@ def _check_lines_fast(s: ProseStats, c: FilterConfig) -> str | None:
 
 
 def _check_ngrams_fast(s: ProseStats, c: FilterConfig) -> str | None:
-    """`_check_ngrams` over the word ids, with n-grams counted exactly on the C side."""
+    """`_check_ngrams` over the word ids, with n-grams counted exactly on the C side.
+
+    The rules pass or fail as in the reference; what differs is only what is skipped: an n
+    whose upper bound of count x chars is within its limit cannot fail, so its exact count is
+    not needed (x / word_chars only grows with x, so the bound's test implies the exact one's).
+    """
     if not c.max_top_ngram_chars and not c.max_dup_ngram_chars:
         return None
     n_words, word_chars = s.words, s.word_chars
@@ -438,6 +443,8 @@ def _check_ngrams_fast(s: ProseStats, c: FilterConfig) -> str | None:
             continue
         if top_count is not None and top_count * n * s.longest_word / word_chars <= limit:
             continue  # the same bound as the reference: this n cannot exceed its limit
+        if grams.top_bound(n) / word_chars <= limit:
+            continue  # a bound of count x chars from the C side, without counting n-grams
         top_count, chars = grams.top(n)
         if top_count > 1 and chars * top_count / word_chars > limit:
             return f"max_top_{n}gram_chars"
