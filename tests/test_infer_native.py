@@ -75,32 +75,45 @@ def test_rmsnorm_and_silu_gating_equal_torch():
     native.library().rmsnorm_f32(x.data_ptr(), 5, 48, norm.weight.data_ptr(), 1e-5, out.data_ptr())
     torch.testing.assert_close(out, norm(x).detach(), rtol=1e-5, atol=1e-6)
     h, act = torch.randn(4, 2 * 24) * 4, torch.empty(4, 24)
+    h[0, :6] = torch.tensor([-200.0, -88.0, -30.0, 30.0, 88.0, 200.0])  # exp's clamped range
     native.library().silu_mul_f32(h.data_ptr(), 4, 24, act.data_ptr())
     torch.testing.assert_close(act, F.silu(h[:, :24]) * h[:, 24:], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("rope", [True, False])
-def test_qkv_split_rotates_and_writes_the_cache(rope):
+@pytest.mark.parametrize("rope,per_row", [(True, True), (True, False), (False, False)])
+def test_qkv_split_rotates_and_writes_the_cache(rope, per_row):
     torch.manual_seed(3)
-    B, H, Hkv, D, S, pos = 3, 4, 2, 8, 10, 6
+    B, H, Hkv, D, S, slot = 3, 4, 2, 8, 10, 6
     qkv = torch.randn(B, (H + 2 * Hkv) * D)
-    positions = torch.tensor([[6], [2], [0]])
+    positions = torch.tensor([[6], [2], [0]]) if per_row else torch.full((B, 1), slot)
     cos, sin = rope_cos_sin(positions, D, 10000.0)
+    table_cos, table_sin = (t.reshape(S, D).contiguous() for t in rope_cos_sin(torch.arange(S)[None], D, 10000.0))
     keys, values, q = torch.zeros(B + 1, Hkv, S, D), torch.zeros(B + 1, Hkv, S, D), torch.empty(B, H, D)
-    c, s = (cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()) if rope else (None, None)
-    native.library().qkv_to_cache_f32(qkv.data_ptr(), B, H, Hkv, D, native.ptr(c), native.ptr(s), q.data_ptr(),
-                                      keys.data_ptr(), values.data_ptr(), S, pos)
+    c, s = (table_cos, table_sin) if rope else (None, None)
+    rows = positions.reshape(B).contiguous() if per_row else None
+    native.library().qkv_to_cache_f32(qkv.data_ptr(), B, H, Hkv, D, native.ptr(c), native.ptr(s), native.ptr(rows),
+                                      q.data_ptr(), keys.data_ptr(), values.data_ptr(), S, slot)
     q_ref = qkv[:, :H * D].view(B, H, 1, D)
     k_ref = qkv[:, H * D:(H + Hkv) * D].view(B, Hkv, 1, D)
     v_ref = qkv[:, (H + Hkv) * D:].view(B, Hkv, 1, D)
     if rope:
         q_ref, k_ref = apply_rope(q_ref, cos, sin), apply_rope(k_ref, cos, sin)
     torch.testing.assert_close(q, q_ref[:, :, 0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(keys[:B, :, pos], k_ref[:, :, 0], rtol=1e-6, atol=1e-6)
-    assert torch.equal(values[:B, :, pos], v_ref[:, :, 0])
+    torch.testing.assert_close(keys[:B, :, slot], k_ref[:, :, 0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(values[:B, :, slot], v_ref[:, :, 0])
     written = torch.zeros(B + 1, Hkv, S, dtype=torch.bool)
-    written[:B, :, pos] = True
+    written[:B, :, slot] = True
     assert (keys.abs().sum(-1)[~written] == 0).all() and (values.abs().sum(-1)[~written] == 0).all()
+
+
+def test_embedding_rows_and_out_of_range_ids():
+    table, out = torch.randn(10, 6), torch.zeros(3, 6)
+    lib = native.library()
+    ids = torch.tensor([4, 0, 9])
+    assert lib.embed_rows_f32(table.data_ptr(), 10, ids.data_ptr(), 3, 6, out.data_ptr()) == -1
+    assert torch.equal(out, table[ids])
+    bad = torch.tensor([1, 10, 2])
+    assert lib.embed_rows_f32(table.data_ptr(), 10, bad.data_ptr(), 3, 6, out.data_ptr()) == 1
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -138,6 +151,15 @@ def test_step_refuses_a_full_cache_and_a_batch_larger_than_the_cache():
             step(torch.tensor([[5]]), cache)
         with pytest.raises(ValueError, match="does not fit"):
             step(torch.tensor([[5], [6]]), new_kv_cache(model, 1, 4))
+
+
+def test_step_refuses_out_of_range_token_ids():
+    model = tiny_llama()
+    with torch.inference_mode():
+        cache = new_kv_cache(model, 1, 8)
+        model(torch.tensor([[1, 2]]), kv_cache=cache)
+        with pytest.raises(IndexError, match="token id 64 is out of range"):
+            fused_step_for(model)(torch.tensor([[64]]), cache)
 
 
 def test_switched_off_kernels_fall_back_to_torch(monkeypatch):

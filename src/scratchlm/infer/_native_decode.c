@@ -13,16 +13,54 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VERSION 1
+#define VERSION 2
 
 /* 16 floats (one AVX-512 register where available; the compiler splits it elsewhere), loaded
  * from any 4-byte-aligned address. */
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4), may_alias));
 
+/* Sum of the 16 lanes by halving: 4 shuffle-and-add steps instead of 15 dependent adds. */
 static inline float hsum(v16 v) {
-    float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
+    v = v + __builtin_shuffle(v, (i16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v = v + __builtin_shuffle(v, (i16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v = v + __builtin_shuffle(v, (i16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v = v + __builtin_shuffle(v, (i16){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
+/* e^x for 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r from Cephes' degree-6 minimax polynomial
+ * (about 1 ulp), times 2^n built in the exponent bits. Inputs are clamped to the range where
+ * e^x is a normal float; callers only need non-negative results that underflow to ~0. */
+static inline v16 exp16(v16 x) {
+    const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} - 87.3365447505531f;
+    i16 above = x > hi, below = x < lo; /* lanes of all ones where true */
+    x = (v16)(((i16)x & ~above) | ((i16)hi & above));
+    x = (v16)(((i16)x & ~below) | ((i16)lo & below));
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    v16 n = (x * 1.44269504088896341f + shifter) - shifter;
+    v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    v16 p = (v16){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+    return p * (v16)bits;
+}
+
+/* e^x for n floats in place. */
+static void exp_inplace(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) *(v16 *)(x + i) = exp16(*(const v16 *)(x + i));
+    if (i < n) {
+        v16 tail = (v16){0};
+        for (int64_t j = i; j < n; j++) tail[j - i] = x[j];
+        tail = exp16(tail);
+        for (int64_t j = i; j < n; j++) x[j] = tail[j - i];
+    }
 }
 
 int native_version(void) { return VERSION; }
@@ -113,27 +151,40 @@ static void rope_head(const float *x, const float *cos, const float *sin, int64_
 }
 
 /* Splits fused qkv rows [B, (H + 2*Hkv) * D] into rotated queries q [B, H, D] and writes the
- * rotated key and the value of each row at slot `pos` of the cache buffers [Bmax, Hkv, S, D].
- * cos/sin are [B, D] (one position per row), or NULL for models without RoPE. */
+ * rotated key and the value of each row at cache slot `slot` of the buffers [Bmax, Hkv, S, D].
+ * Row b is rotated by row positions[b] (NULL: `slot`) of the tables cos/sin [P, D], or not at
+ * all when cos is NULL (models without RoPE). */
 void qkv_to_cache_f32(const float *qkv, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                      const float *cos, const float *sin, float *q, float *kcache, float *vcache,
-                      int64_t S, int64_t pos) {
+                      const float *cos, const float *sin, const int64_t *positions, float *q,
+                      float *kcache, float *vcache, int64_t S, int64_t slot) {
     int64_t width = (H + 2 * Hkv) * D;
     for (int64_t b = 0; b < B; b++) {
         const float *row = qkv + b * width;
-        const float *c = cos ? cos + b * D : 0, *s = sin ? sin + b * D : 0;
+        int64_t pos = positions ? positions[b] : slot;
+        const float *c = cos ? cos + pos * D : 0, *s = cos ? sin + pos * D : 0;
         for (int64_t h = 0; h < H; h++) {
             if (c) rope_head(row + h * D, c, s, D, q + (b * H + h) * D);
             else memcpy(q + (b * H + h) * D, row + h * D, D * sizeof(float));
         }
         for (int64_t h = 0; h < Hkv; h++) {
-            int64_t slot = ((b * Hkv + h) * S + pos) * D;
+            int64_t at = ((b * Hkv + h) * S + slot) * D;
             const float *k = row + (H + h) * D, *v = row + (H + Hkv + h) * D;
-            if (c) rope_head(k, c, s, D, kcache + slot);
-            else memcpy(kcache + slot, k, D * sizeof(float));
-            memcpy(vcache + slot, v, D * sizeof(float));
+            if (c) rope_head(k, c, s, D, kcache + at);
+            else memcpy(kcache + at, k, D * sizeof(float));
+            memcpy(vcache + at, v, D * sizeof(float));
         }
     }
+}
+
+/* out [B, d] = rows ids[b] of the embedding table [V, d]; returns the index of the first id
+ * outside 0..V-1 (nothing written from there on), or -1 when all are valid. */
+int64_t embed_rows_f32(const float *table, int64_t V, const int64_t *ids, int64_t B, int64_t d,
+                       float *out) {
+    for (int64_t b = 0; b < B; b++) {
+        if (ids[b] < 0 || ids[b] >= V) return b;
+        memcpy(out + b * d, table + ids[b] * d, d * sizeof(float));
+    }
+    return -1;
 }
 
 static float dot(const float *a, const float *b, int64_t D) {
@@ -162,13 +213,14 @@ void attend_decode_f32(const float *q, const float *kcache, const float *vcache,
             const float *vh = vcache + (b * Hkv + h / group) * S * D;
             float best = -INFINITY;
             for (int64_t t = 0; t < L; t++) {
-                if (visible && !visible[t]) continue;
-                scores[t] = dot(qh, kh + t * D, D) * scale;
+                scores[t] = (visible && !visible[t]) ? -INFINITY : dot(qh, kh + t * D, D) * scale;
                 if (scores[t] > best) best = scores[t];
             }
+            for (int64_t t = 0; t < L; t++) scores[t] -= best;
+            exp_inplace(scores, L);
             float total = 0.0f;
             for (int64_t t = 0; t < L; t++) {
-                scores[t] = (visible && !visible[t]) ? 0.0f : expf(scores[t] - best);
+                if (visible && !visible[t]) scores[t] = 0.0f;
                 total += scores[t];
             }
             float *o = out + (b * H + h) * D;
@@ -187,9 +239,9 @@ void attend_decode_f32(const float *q, const float *kcache, const float *vcache,
 void silu_mul_f32(const float *h, int64_t M, int64_t F, float *out) {
     for (int64_t m = 0; m < M; m++) {
         const float *gate = h + m * 2 * F, *up = gate + F;
-        for (int64_t f = 0; f < F; f++) {
-            float g = gate[f];
-            out[m * F + f] = (g / (1.0f + expf(-g))) * up[f];
-        }
+        float *o = out + m * F;
+        for (int64_t f = 0; f < F; f++) o[f] = -gate[f];
+        exp_inplace(o, F);
+        for (int64_t f = 0; f < F; f++) o[f] = (gate[f] / (1.0f + o[f])) * up[f];
     }
 }

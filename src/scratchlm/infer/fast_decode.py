@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.model.layers import RMSNorm, apply_rope, attend
+from scratchlm.model.layers import RMSNorm, apply_rope, attend, rope_cos_sin
 
 # Batch sizes up to which the fused step is the faster path. Measured on the 2-core Zen 4 box
 # (docs/benchmarks.md, Inference): 1.30x less CPU per token at one row, but 0.92x (slower) at 8
@@ -264,10 +264,10 @@ class NativeLayer:
         _norm(lib, self.attn_norm, ws, B)
         lib.linear_packed_f32(ws.normed_p, B, d, self.qkv.data_ptr(), width, _ptr(self.qkv_b),
                               ws.qkv_p, width, 0)
-        cos_p, sin_p = rope if rope is not None else (None, None)
-        lib.qkv_to_cache_f32(ws.qkv_p, B, H, Hkv, D, cos_p, sin_p, ws.q_p, keys.data_ptr(),
-                             values.data_ptr(), S, pos)
-        mask_p, mask_stride = mask if mask is not None else (None, 0)
+        cos_p, sin_p, positions_p = rope
+        lib.qkv_to_cache_f32(ws.qkv_p, B, H, Hkv, D, cos_p, sin_p, positions_p, ws.q_p,
+                             keys.data_ptr(), values.data_ptr(), S, pos)
+        mask_p, mask_stride = mask[:2] if mask is not None else (None, 0)
         lib.attend_decode_f32(ws.q_p, keys.data_ptr(), values.data_ptr(), B, H, Hkv, D, S, pos + 1,
                               mask_p, mask_stride, D ** -0.5, ws.attn_p, ws.scores_p)
         # the residual connections are folded into the output projections (accumulate=1)
@@ -309,9 +309,12 @@ class NativeDecodeStep:
     """`model(next_ids, kv_cache=cache, positions=..., attn_mask=...)` for one token per row
     through the C kernels, for any number of rows. Returns logits `[B, vocab]`.
 
-    Embedding, positions, RoPE tables and the mask come from the model's own code; the blocks
-    and the head run in C over packed copies of the weights, which are read from memory once
-    per step for up to 8 rows, so a batch costs about what one row does."""
+    The blocks and the head run in C over packed copies of the weights, which are read from
+    memory once per step for up to 8 rows, so a batch costs about what one row does. RoPE reads
+    tables the model's own `rope_cos_sin` computed once for every position; a plain token
+    embedding is a C row copy, any other (learned/sinusoidal positions, scaling) and the padding
+    mask are the model's own code. Small torch ops are avoided on purpose: after each step has
+    streamed ~100 MB of weights through the caches, every torch op starts cold (tens of µs)."""
 
     max_rows = None  # any batch size
 
@@ -323,36 +326,76 @@ class NativeDecodeStep:
         self.layers = [NativeLayer(block) for block in model.layers]
         with torch.no_grad():
             self.head, self.head_b = _pack(model.lm_head), _joined_bias(model.lm_head)
+        cfg = model.config
         self.final_norm = model.norm
-        self.vocab_size = model.lm_head.out_features
+        self.vocab_size, self.d_model = model.lm_head.out_features, cfg.d_model
+        self.rope = cfg.positions == "rope"
+        self.plain_embedding = cfg.positions not in ("learned", "sinusoidal") and not cfg.scale_embeddings
+        self.embedding = model.tok_embeddings.weight.detach().contiguous()
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.workspace: Workspace | None = None
 
     def __call__(self, next_ids: torch.Tensor, kv_cache, positions: torch.Tensor | None = None,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        model, lib = self.model, self.lib
-        B = next_ids.shape[0]
+        lib, B = self.lib, next_ids.shape[0]
         _check_step(next_ids, kv_cache)
-        if positions is None:
-            positions = model.default_positions(next_ids, kv_cache)
         ws = self._workspace(B, kv_cache.max_len)
-        ws.x[:B] = model.embed(next_ids, positions)[:, 0]
-        rope, mask = model.attention_inputs(positions, attn_mask, None, kv_cache)
-        rope_p = None
-        if rope is not None:  # [B, 1, 1, D] each -> [B, D] contiguous
-            rope = tuple(t.reshape(B, -1).contiguous() for t in rope)
-            rope_p = (rope[0].data_ptr(), rope[1].data_ptr())
-        mask_p = None
-        if mask is not None:  # [B|1, 1, 1, L] bool -> [B, L] bytes
-            mask = mask.reshape(mask.shape[0], -1).expand(B, -1).contiguous()
-            mask_p = (mask.data_ptr(), mask.shape[1])
+        row_positions = None if positions is None else positions.reshape(B).contiguous()
+        self._embed(next_ids, positions, kv_cache, ws)
+        rope = self._rope_pointers(kv_cache.length, row_positions)
+        mask_p = self._mask_pointer(B, positions, attn_mask, kv_cache)
         for layer in self.layers:
-            layer(lib, ws, B, rope_p, mask_p, kv_cache)
+            layer(lib, ws, B, rope, mask_p, kv_cache)
         kv_cache.advance(1)
         _norm(lib, self.final_norm, ws, B)
         logits = torch.empty(B, self.vocab_size, dtype=torch.float32)
-        lib.linear_packed_f32(ws.normed_p, B, ws.x.shape[1], self.head.data_ptr(), self.vocab_size,
+        lib.linear_packed_f32(ws.normed_p, B, self.d_model, self.head.data_ptr(), self.vocab_size,
                               _ptr(self.head_b), logits.data_ptr(), self.vocab_size, 0)
+        self._keep = (row_positions, mask_p)  # alive until the next step: C read their memory
         return logits
+
+    def _embed(self, next_ids, positions, kv_cache, ws: Workspace) -> None:
+        """ws.x[:B] = the model's embedding of the new tokens."""
+        B = next_ids.shape[0]
+        if not self.plain_embedding:
+            if positions is None:
+                positions = self.model.default_positions(next_ids, kv_cache)
+            ws.x[:B] = self.model.embed(next_ids, positions)[:, 0]
+            return
+        ids = next_ids.reshape(B).contiguous()
+        bad = self.lib.embed_rows_f32(self.embedding.data_ptr(), self.embedding.shape[0], ids.data_ptr(),
+                                      B, self.d_model, ws.x_p)
+        if bad >= 0:
+            raise IndexError(f"token id {int(ids[bad])} is out of range for a vocabulary of "
+                             f"{self.embedding.shape[0]}")
+
+    def _rope_pointers(self, slot: int, row_positions: torch.Tensor | None) -> tuple:
+        """(cos table, sin table, per-row positions or None = the cache slot) for the kernels."""
+        if not self.rope:
+            return None, None, None
+        largest = slot if row_positions is None else max(slot, int(row_positions.max()))
+        cos, sin = self._tables(largest + 1)
+        return cos.data_ptr(), sin.data_ptr(), _ptr(row_positions)
+
+    def _tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin [P, head_dim] for positions 0..P-1 (P >= n), from the model's own
+        `rope_cos_sin` (elementwise, so each row equals what a one-position call gives)."""
+        if self.rope_tables is None or self.rope_tables[0].shape[0] < n:
+            cfg = self.model.config
+            size = max(n, cfg.max_seq_len, 2 * (0 if self.rope_tables is None else self.rope_tables[0].shape[0]))
+            cos, sin = rope_cos_sin(torch.arange(size).unsqueeze(0), cfg.head_dim, cfg.rope_theta)
+            self.rope_tables = (cos.reshape(size, -1).contiguous(), sin.reshape(size, -1).contiguous())
+        return self.rope_tables
+
+    def _mask_pointer(self, B: int, positions, attn_mask, kv_cache):
+        """(bytes [B, L], row stride) of the model's mask for this step, or None (see all)."""
+        if attn_mask is None:
+            return None
+        if positions is None:
+            positions = self.model.default_positions(torch.empty(B, 1), kv_cache)
+        _, mask = self.model.attention_inputs(positions, attn_mask, None, kv_cache)
+        mask = mask.reshape(mask.shape[0], -1).expand(B, -1).contiguous()
+        return mask.data_ptr(), mask.shape[1], mask
 
     def _workspace(self, rows: int, max_len: int) -> Workspace:
         ws = self.workspace

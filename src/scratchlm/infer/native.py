@@ -27,7 +27,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("_native_decode.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
-VERSION = 1  # the VERSION of _native_decode.c this module's bindings expect
+VERSION = 2  # the VERSION of _native_decode.c this module's bindings expect
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -35,7 +35,8 @@ _SIGNATURES = {
     "panel_width": ([], ctypes.c_int),
     "linear_packed_f32": ([_P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int], None),
     "rmsnorm_f32": ([_P, _I, _I, _P, ctypes.c_float, _P], None),
-    "qkv_to_cache_f32": ([_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I], None),
+    "qkv_to_cache_f32": ([_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I], None),
+    "embed_rows_f32": ([_P, _I, _P, _I, _I, _P], ctypes.c_int64),
     "attend_decode_f32": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I, ctypes.c_float, _P, _P], None),
     "silu_mul_f32": ([_P, _I, _I, _P], None),
 }
