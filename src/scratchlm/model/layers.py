@@ -178,6 +178,33 @@ def use_bmm_causal_attention(q: torch.Tensor) -> bool:
             and q.requires_grad and torch.is_grad_enabled())
 
 
+# Kernels a trainer may plug in for bf16 training steps on a CPU (scratchlm.train.native):
+# "gelu_tanh"(x) and "causal_softmax"(scores, scale). None = torch's own ops. They are used only
+# where the bmm attention is (grad-enabled bf16 on a CPU), never for inference or exports.
+_TRAINING_KERNELS = {"gelu_tanh": None, "causal_softmax": None}
+
+
+@contextlib.contextmanager
+def training_kernels(gelu_tanh=None, causal_softmax=None):
+    """Within this context, tanh-GELU and the bmm causal attention's softmax of bf16 CPU tensors
+    that need gradients run through the given functions (same maths, faster kernels)."""
+    previous = dict(_TRAINING_KERNELS)
+    _TRAINING_KERNELS.update(gelu_tanh=gelu_tanh, causal_softmax=causal_softmax)
+    try:
+        yield
+    finally:
+        _TRAINING_KERNELS.update(previous)
+
+
+def gelu(x: torch.Tensor, approximation: str) -> torch.Tensor:
+    """F.gelu, or the plugged-in tanh-GELU kernel for a bf16 CPU training step."""
+    fast = _TRAINING_KERNELS["gelu_tanh"]
+    if (fast is not None and approximation == "tanh" and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.requires_grad and torch.is_grad_enabled()):
+        return fast(x)
+    return F.gelu(x, approximate=approximation)
+
+
 _CAUSAL_BIAS_CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -201,6 +228,9 @@ def causal_attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     """
     B, H, T, D = q.shape
     q3, k3, v3 = (x.reshape(B * H, T, D) for x in (q, k, v))
+    fast_softmax = _TRAINING_KERNELS["causal_softmax"]
+    if fast_softmax is not None and q.dtype == torch.bfloat16:  # scale and mask inside the kernel
+        return torch.bmm(fast_softmax(torch.bmm(q3, k3.transpose(1, 2)), D**-0.5), v3).view(B, H, T, D)
     scores = torch.baddbmm(_causal_bias(T, q.dtype, q.device), q3, k3.transpose(1, 2), alpha=D**-0.5)
     return torch.bmm(torch.softmax(scores, dim=-1), v3).view(B, H, T, D)
 
@@ -272,7 +302,7 @@ class MLP(nn.Module):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         h = self.up_proj(x)
         if self.activation == "gelu":
-            h = F.gelu(h, approximate=self.gelu_approximation)
+            h = gelu(h, self.gelu_approximation)
         elif self.activation == "relu2":
             h = F.relu(h).square()  # ReLU² (So et al., Primer)
         else:

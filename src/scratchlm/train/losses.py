@@ -6,6 +6,8 @@ made, turned into the loss and the gradient (softmax - one-hot) at once, and dro
 [tokens, vocab] logits (and their fp32 copy, log-softmax and its gradient) never exist, so the
 memory traffic of the largest tensors of a small model's step stays in cache. Same result as
 `F.cross_entropy(h @ weight.T, targets)` up to float rounding (tests hold it to that).
+In bf16 on a CPU with the native kernels (`scratchlm.train.native`), each group of rows' loss
+and gradient come from one C pass over its bf16 logits, in place, instead of five torch ops.
 Not for anything that needs the logits themselves (generation, evaluation of choices).
 """
 
@@ -40,6 +42,10 @@ def _chunk_nll(logits, probs, targets, ok, all_valid: bool, acc_dtype) -> torch.
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, ignore_index):
+        if _native_applies(h, weight, compute_dtype):
+            grad_h, grad_w, loss = _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index)
+            ctx.save_for_backward(grad_h, grad_w)
+            return loss
         n = h.shape[0]
         w = weight.to(compute_dtype)
         hc = h.to(compute_dtype)
@@ -101,3 +107,50 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
         compute_dtype = torch.promote_types(h.dtype, weight.dtype)
     with torch.autocast(h.device.type, enabled=False):
         return _FusedLinearCrossEntropy.apply(h, weight, targets, chunk_rows, compute_dtype, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bf16 CPU path through the C kernel (scratchlm.train.native)
+
+# Rows of logits per group on the native path: the kernel turns each group's bf16 logits into
+# the bf16 gradient in place, so a group of [1024, V] bf16 is 16 MB at V = 8192, and the
+# weight's gradient is one GEMM per group (fewer fp32 accumulations of the [V, d] product).
+NATIVE_GROUP_ELEMENTS = 1 << 23
+
+
+def _native_applies(h, weight, compute_dtype) -> bool:
+    if compute_dtype != torch.bfloat16 or h.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    from scratchlm.train import native
+
+    return native.library() is not None
+
+
+def _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index):
+    """Mean cross-entropy and the gradients of h and weight, group by group of rows: logits by
+    one GEMM, loss and (softmax - one-hot) by the C kernel in one pass, two GEMMs back."""
+    from scratchlm.train.native import cross_entropy_rows_
+
+    n, vocab = h.shape[0], weight.shape[0]
+    w = weight.to(compute_dtype)
+    hc = h.to(compute_dtype)
+    valid = targets != ignore_index
+    count = max(1, int(valid.sum()))
+    kernel_targets = torch.where(valid, targets, torch.full_like(targets, -1))
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
+    total = torch.zeros((), dtype=torch.float64)
+    group = max(1, NATIVE_GROUP_ELEMENTS // vocab)
+    for start in range(0, n, group):
+        stop = min(n, start + group)
+        g = hc[start:stop] @ w.T
+        total += cross_entropy_rows_(g, kernel_targets[start:stop]).sum(dtype=torch.float64)
+        if grad_h is not None:  # the 1/count of the mean goes on the small products
+            grad_h[start:stop] = (g @ w).to(h.dtype).div_(count)
+        if grad_w is not None:
+            grad_w += g.T @ hc[start:stop]
+    if grad_w is not None:
+        grad_w = grad_w.div_(count).to(weight.dtype)
+    loss = (total / count).to(torch.promote_types(h.dtype, torch.float32))
+    return grad_h, grad_w, loss

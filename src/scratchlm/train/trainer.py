@@ -161,11 +161,17 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     if device.type == "cpu":  # with the CPU's faster training attention (see model.layers)
-        from scratchlm.model.layers import bmm_causal_attention
+        from scratchlm.model.layers import bmm_causal_attention, training_kernels
 
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
         stack.enter_context(bmm_causal_attention())
+        if dtype == torch.bfloat16:  # and the C kernels for GELU and the causal softmax
+            from scratchlm.train import native
+
+            if native.library() is not None:
+                stack.enter_context(training_kernels(gelu_tanh=native.gelu_tanh,
+                                                     causal_softmax=native.causal_softmax))
         return stack
     return torch.autocast(device_type=device.type, dtype=dtype)
 
