@@ -130,6 +130,7 @@ static int spanset_alloc(SpanSet *t, size_t size) {
         PyErr_NoMemory();
         return -1;
     }
+    if (t->used == 0) starts[0] = lens[0] = 0; /* word_id_padded may read entry 0 of an empty set */
     for (size_t i = 0; t->slots && i <= t->mask; i++) { /* rehash what a smaller table held */
         if (t->slots[i] == 0) continue;
         size_t j = (size_t)(t->slots[i] >> 32) & (size - 1);
@@ -186,6 +187,33 @@ ALWAYS_INLINE int64_t spanset_id_of(const int PADDED, SpanSet *t, const char *ba
 
 #define spanset_id(t, base, start, len, added) spanset_id_of(0, t, base, start, len, added)
 
+/* spanset_id_of(1, ...) for a word of a padded buffer, with no branch that depends on whether
+   the word is new (about half are, at random): the first slot probed either holds the word,
+   or is empty and takes it, both done with conditional moves; only a collision (rare, the
+   table is at most 2/3 full) takes the loop. */
+ALWAYS_INLINE int64_t word_id_padded(SpanSet *t, const char *base, Py_ssize_t start,
+                                     Py_ssize_t len, int *added) {
+    if (3 * ((size_t)t->used + 1) > 2 * (t->mask + 1) && spanset_alloc(t, 2 * (t->mask + 1)) < 0)
+        return -1;
+    const unsigned char *span = (const unsigned char *)base + start;
+    uint64_t tag = hash_padded(span, (size_t)len) >> 32;
+    size_t i = (size_t)tag & t->mask;
+    uint64_t slot = t->slots[i];
+    uint32_t id = slot ? (uint32_t)slot - 1 : 0; /* entry 0 always exists (see spanset_alloc) */
+    Py_ssize_t seen_start = slot ? t->starts[id] : start, seen_len = slot ? t->lens[id] : len;
+    int match = (slot != 0) & ((slot >> 32) == tag) & (seen_len == len) &
+                equal_padded((const unsigned char *)base + seen_start, span, (size_t)len);
+    if (__builtin_expect(!(match | (slot == 0)), 0))
+        return spanset_id_of(1, t, base, start, len, added); /* a collision: probe on */
+    uint32_t new_id = t->used;
+    t->slots[i] = match ? slot : (tag << 32) | (new_id + 1);
+    t->starts[new_id] = start; /* room for one more is ensured above; unused when matched */
+    t->lens[new_id] = len;
+    t->used = new_id + (uint32_t)!match;
+    *added = !match;
+    return match ? id : new_id;
+}
+
 /* -- words of the lowered text: lowered.split() ---------------------------------------------- */
 typedef struct {
     Py_ssize_t count, chars, longest, stop_words;
@@ -199,29 +227,21 @@ typedef struct {
     int count;
     Py_ssize_t len[MAX_STOP_WORDS];
     Py_UCS4 chars[MAX_STOP_WORDS][MAX_STOP_LEN];
-    uint64_t packed[MAX_STOP_WORDS]; /* ASCII ones of at most 8 letters, as an 8-byte load */
-    Py_ssize_t packed_len[MAX_STOP_WORDS]; /* their length; -1 for the others */
-    uint64_t ascii_lengths;          /* bit L: some such stop word has L letters */
+    int ascii[MAX_STOP_WORDS];                     /* an ASCII stop word, 1..MAX_STOP_LEN long */
+    unsigned char bytes[MAX_STOP_WORDS][32];       /* ASCII ones, zero padded (PADDING) */
 } StopWords;
 
 static void unpack_stop_words(PyObject *tuple, StopWords *sw) {
     sw->count = 0;
-    sw->ascii_lengths = 0;
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(tuple) && k < MAX_STOP_WORDS; k++) {
         PyObject *word = PyTuple_GET_ITEM(tuple, k);
         Py_ssize_t len = PyUnicode_GET_LENGTH(word);
         sw->len[k] = len <= MAX_STOP_LEN ? len : -1; /* longer ones never match (checked) */
         for (Py_ssize_t j = 0; j < len && j < MAX_STOP_LEN; j++)
             sw->chars[k][j] = PyUnicode_READ_CHAR(word, j);
-        sw->packed[k] = 0;
-        sw->packed_len[k] = -1;
-        if (PyUnicode_IS_ASCII(word) && len >= 1 && len <= 8) {
-            sw->packed_len[k] = len;
-            unsigned char bytes[8] = {0};
-            memcpy(bytes, PyUnicode_DATA(word), (size_t)len);
-            memcpy(&sw->packed[k], bytes, 8);
-            sw->ascii_lengths |= 1ULL << len;
-        }
+        sw->ascii[k] = PyUnicode_IS_ASCII(word) && len >= 1 && len <= MAX_STOP_LEN;
+        memset(sw->bytes[k], 0, sizeof sw->bytes[k]);
+        if (sw->ascii[k]) memcpy(sw->bytes[k], PyUnicode_DATA(word), (size_t)len);
         sw->count++;
     }
 }
@@ -245,8 +265,32 @@ static int sink_init(WordSink *sink, Py_ssize_t n, const StopWords *stop, Words 
     sink->stop_seen = 0;
     sink->stop = stop;
     sink->w = w;
-    if (spanset_init(&sink->set, (size_t)n / 16 + 64) < 0) { spanset_free(&sink->set); return -1; }
+    /* room for a word in 6 characters: at most a quarter full in prose, so few collisions */
+    if (spanset_init(&sink->set, (size_t)n / 6 + 64) < 0) { spanset_free(&sink->set); return -1; }
     return 0;
+}
+
+/* The stop words among the words of a padded ASCII text, looked up once each at the end
+   instead of checking every new distinct word (a stop word is compared as given, so one with
+   upper case or non-ASCII letters never matches the lowered ASCII words). */
+static void ascii_stop_words(WordSink *sink, const char *base) {
+    const StopWords *stop = sink->stop;
+    SpanSet *t = &sink->set;
+    for (int k = 0; k < stop->count; k++) {
+        if (!stop->ascii[k]) continue;
+        const unsigned char *word = stop->bytes[k];
+        Py_ssize_t len = stop->len[k];
+        size_t i = (size_t)(hash_padded(word, (size_t)len) >> 32) & t->mask;
+        uint64_t tag = hash_padded(word, (size_t)len) >> 32;
+        for (; t->slots[i] != 0; i = (i + 1) & t->mask) {
+            uint32_t id = (uint32_t)t->slots[i] - 1;
+            if ((t->slots[i] >> 32) == tag && t->lens[id] == len &&
+                equal_padded((const unsigned char *)base + t->starts[id], word, (size_t)len)) {
+                sink->stop_seen |= (uint64_t)1 << k;
+                break;
+            }
+        }
+    }
 }
 
 static void sink_finish(WordSink *sink) {
@@ -260,23 +304,16 @@ ALWAYS_INLINE int add_word_of(const int KIND, const int PADDED, WordSink *sink, 
                               Py_ssize_t start, Py_ssize_t len) {
     Words *w = sink->w;
     int added;
-    int64_t id = spanset_id_of(PADDED, &sink->set, data, start * KIND, len * KIND, &added);
+    int64_t id = PADDED ? word_id_padded(&sink->set, data, start, len, &added)
+                        : spanset_id_of(0, &sink->set, data, start * KIND, len * KIND, &added);
     if (id < 0) return -1;
     w->ids[w->count] = (uint32_t)id;
     w->lengths[w->count] = (uint32_t)len;
     w->count++;
     w->chars += len;
     if (len > w->longest) w->longest = len;
-    if (added && PADDED && len <= 8) { /* a new distinct ASCII word: is it a stop word? */
-        const StopWords *stop = sink->stop;
-        if (!(stop->ascii_lengths & (1ULL << len))) return 0;
-        uint64_t v;
-        memcpy(&v, (const unsigned char *)data + start, 8);
-        v &= FIRST_BYTES(len);
-        for (int k = 0; k < stop->count; k++)
-            if (stop->packed_len[k] == len && stop->packed[k] == v)
-                sink->stop_seen |= (uint64_t)1 << k;
-    } else if (added) { /* a new distinct word: is it a stop word? */
+    if (!PADDED && added) { /* a new distinct word: is it a stop word? (PADDED: see
+                                  ascii_stop_words, which asks once per stop word instead) */
         const StopWords *stop = sink->stop;
         for (int k = 0; k < stop->count; k++) {
             if (stop->len[k] != len) continue;
@@ -454,14 +491,29 @@ static int ascii_classes_as_assumed(const unsigned char *cls) {
 #define BELOW(v, x) (((v) - BYTES(x)) & BYTES(0x80))
 /* Bit 7 set where a byte of v (bytes below 0x80) lies in [lo, hi]; no carries. */
 #define WITHIN(v, lo, hi) ((((v) + BYTES(0x80 - (lo))) & ~((v) + BYTES(0x7f - (hi)))) & BYTES(0x80))
-/* Bit 7 set where a byte of v is c (exact for the lowest; a word needs only "any"). */
-#define EQUALS(v, c) BELOW((v) ^ BYTES(c), 1)
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 #define FIRST_FLAGGED(mask) (__builtin_clzll(mask) >> 3)
 #else
 #define FIRST_FLAGGED(mask) (__builtin_ctzll(mask) >> 3)
 #endif
+
+/* Bit 7 set exactly where a byte of v (bytes below 0x80) is c. */
+#define EXACTLY(v, c) (~((((v) ^ BYTES(c)) + BYTES(0x7f)) | ((v) ^ BYTES(c))) & BYTES(0x80))
+
+/* How many bits of a mask with bits only at bit 7 of bytes are set, with one multiply. */
+#define COUNT80(mask) ((Py_ssize_t)((((mask) >> 7) * BYTES(1)) >> 56))
+
+/* text.count("...") within the word low[start:end]: each run of dots counts a third. */
+static Py_ssize_t dot_runs(const unsigned char *low, Py_ssize_t start, Py_ssize_t end) {
+    Py_ssize_t count = 0, run = 0;
+    for (Py_ssize_t j = start; j < end; j++) {
+        if (low[j] == '.') { run++; continue; }
+        count += run / 3;
+        run = 0;
+    }
+    return count + run / 3;
+}
 
 /* Every statistic of ASCII text in one loop a word at a time, over the lowered copy `low`
    (letters, spaces and symbols are where they are in `data`; lines and paragraphs are
@@ -486,7 +538,8 @@ static int scan_ascii(const unsigned char *data, const unsigned char *low, Py_ss
         }
         if (status != 0 || i >= n) break;
         Py_ssize_t start = i;
-        uint64_t letters = 0, specials = 0;
+        uint64_t letters = 0;
+        Py_ssize_t hashes = 0, dots = 0;
         for (;;) { /* loads stay within the padding: i <= n, and low[n] ends every word */
             uint64_t v, in_word = ~0ULL;
             memcpy(&v, low + i, 8);
@@ -497,22 +550,17 @@ static int scan_ascii(const unsigned char *data, const unsigned char *low, Py_ss
                 in_word = k ? FIRST_BYTES(k) : 0;
             }
             letters |= WITHIN(v, 'a', 'z') & in_word;
-            specials |= (EQUALS(v, '#') | EQUALS(v, '.')) & in_word;
+            hashes += COUNT80(EXACTLY(v, '#') & in_word);
+            dots += COUNT80(EXACTLY(v, '.') & in_word);
             i += k;
             if (k < 8 && (flags[low[i]] & A_SPACE)) break;
             if (k < 8) i++; /* a control character below 0x21 that is no space: in the word */
         }
         if (add_word_of(1, 1, sink, low, start, i - start) < 0) { status = -1; break; }
         letterless += letters == 0;
-        if (specials) { /* text.count("#") + text.count("..."): dots run within words */
-            Py_ssize_t dots = 0;
-            for (Py_ssize_t j = start; j < i; j++) {
-                if (low[j] == '.') { dots++; continue; }
-                symbols += dots / 3 + (low[j] == '#');
-                dots = 0;
-            }
-            symbols += dots / 3;
-        }
+        /* text.count("#") + text.count("..."): runs of dots lie within words, and most
+           words with a dot end a sentence with one, which needs no closer look */
+        symbols += hashes + (dots >= 3 ? dot_runs(low, start, i) : 0);
     }
     if (status == 0) status = end_line(1, data, n, n, &ls, st);
     st->letterless = letterless;
@@ -586,6 +634,7 @@ static PyObject *prose_stats(PyObject *self, PyObject *args) {
         status = ascii_classes_as_assumed(cls)
                      ? scan_ascii(data, scratch, n, bullets, n_bullets, &sink, &st)
                      : USE_GENERAL_PATH;
+        if (status == 0) ascii_stop_words(&sink, (const char *)scratch);
         if (status == USE_GENERAL_PATH) { /* start again, a character at a time */
             sink_finish(&sink);
             have_sink = 0;
