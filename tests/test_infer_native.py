@@ -175,3 +175,16 @@ def test_a_compiler_failure_means_no_kernels_not_an_error(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="native decode kernels unavailable"):
         assert native.library() is None
+
+
+def test_threads_decoding_one_model_at_once_get_their_own_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scratchlm.infer.generate import generate_ids
+
+    model = tiny_llama()
+    prompts = [[[1, 2, 3]], [[9, 8]], [[5, 5, 5, 5], [7]], [[30, 31]]]
+    alone = [generate_ids(model, p, max_new_tokens=12) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: generate_ids(model, p, max_new_tokens=12), prompts * 3))
+    assert together == alone * 3

@@ -24,6 +24,7 @@ parameters, names or state dict: LoRA, quantization and export never see these c
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -80,10 +81,12 @@ def _source_linears(model) -> list[nn.Module]:
 def weight_signature(model) -> tuple:
     """Identity and version of every source weight: changes when any is replaced or updated."""
     sig = []
+    tensors = [model.tok_embeddings.weight]  # the native step reads the embedding table directly
     for linear in _source_linears(model):
-        for p in (linear.weight, linear.bias):
-            if p is not None:
-                sig.append((p.data_ptr(), p._version, p.dtype, p.device))
+        tensors += [linear.weight, linear.bias]
+    for p in tensors:
+        if p is not None:
+            sig.append((p.data_ptr(), p._version, p.dtype, p.device))
     return tuple(sig)
 
 
@@ -334,11 +337,16 @@ class NativeDecodeStep:
         self.embedding = model.tok_embeddings.weight.detach().contiguous()
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.workspace: Workspace | None = None
+        self.lock = threading.Lock()
 
     def __call__(self, next_ids: torch.Tensor, kv_cache, positions: torch.Tensor | None = None,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        lib, B = self.lib, next_ids.shape[0]
         _check_step(next_ids, kv_cache)
+        with self.lock:  # one workspace per step: threads decoding the same model take turns
+            return self._step(next_ids, kv_cache, positions, attn_mask)
+
+    def _step(self, next_ids, kv_cache, positions, attn_mask) -> torch.Tensor:
+        lib, B = self.lib, next_ids.shape[0]
         ws = self._workspace(B, kv_cache.max_len)
         row_positions = None if positions is None else positions.reshape(B).contiguous()
         self._embed(next_ids, positions, kv_cache, ws)
@@ -351,7 +359,6 @@ class NativeDecodeStep:
         logits = torch.empty(B, self.vocab_size, dtype=torch.float32)
         lib.linear_packed_f32(ws.normed_p, B, self.d_model, self.head.data_ptr(), self.vocab_size,
                               _ptr(self.head_b), logits.data_ptr(), self.vocab_size, 0)
-        self._keep = (row_positions, mask_p)  # alive until the next step: C read their memory
         return logits
 
     def _embed(self, next_ids, positions, kv_cache, ws: Workspace) -> None:
