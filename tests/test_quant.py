@@ -258,3 +258,97 @@ def test_gptq_without_calibration_or_bad_section_is_a_user_error():
         apply_quantization(fake_model(), {"format": "other"})
     with pytest.raises(UserError, match="does not have"):
         apply_quantization(fake_model(), {"format": quant.FORMAT, "modules": {"nope": {"bits": 8}}})
+
+
+@settings(max_examples=30, deadline=None)
+@given(matrices, st.sampled_from([8, 4]), st.booleans())
+def test_clip_search_never_rounds_worse_than_the_full_range(shape, bits, weighted):
+    rows, cols, magnitude, seed = shape
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * magnitude
+    w[:, 0] *= 8  # an outlier column: where clipping pays off
+    importance = torch.rand(1, cols, generator=g) if weighted else torch.ones(1, cols)
+
+    def weighted_error(scale, offset):
+        deq = quant.dequantize_codes(quant.quantize_codes(w, scale, offset, bits), scale, offset)
+        return (importance * (deq - w) ** 2).sum(dim=1)
+
+    plain = weighted_error(*quant.group_params(w, bits))
+    searched = weighted_error(*quant.search_group_params(w, bits, importance))
+    assert torch.all(searched <= plain * (1 + 1e-5) + 1e-12)
+
+
+def correlated_inputs(n=2048, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) * torch.linspace(0.05, 2.0, d)
+    return torch.randn(n, d, generator=g) @ mix
+
+
+def test_gptq_clip_search_lowers_the_layer_output_error():
+    x = correlated_inputs()
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    w[:, ::16] *= 6  # outliers make the full [min, max] range wasteful
+    errs = {}
+    for search in (False, True):
+        deq = gptq_quantize_weight(w, x.T @ x, 4, 64, clip_search=search).dequantize()
+        errs[search] = ((x @ (deq - w).T) ** 2).mean().item()
+    rtn = ((x @ (quantize_weight(w, 4, 64).dequantize() - w).T) ** 2).mean().item()
+    assert errs[True] < errs[False] < rtn
+
+
+def test_gptq_on_a_tied_head_keeps_one_matrix_and_beats_rtn_on_the_logits():
+    calib = torch.randint(0, 96, (16, 24))
+    ref = fake_model(tied=True, n_layer=1)
+    with torch.no_grad():
+        hidden = ref.norm(ref.layers[0](ref.tok_embeddings(calib)))
+        ref_logits = ref.lm_head(hidden)
+    head_err = {}
+    for method in ("rtn", "gptq"):
+        m = fake_model(tied=True, n_layer=1)
+        section = quantize_model(m, bits=4, group_size=64, method=method, calibration=calib, progress=False)
+        assert isinstance(m.lm_head, TiedQuantHead) and section["modules"]["lm_head"] == {"tied_to": "tok_embeddings"}
+        # the lookup and the head read the same codes
+        assert torch.equal(m.lm_head.weight, m.tok_embeddings.weight)
+        assert torch.equal(m.tok_embeddings(calib[:1]), m.lm_head.weight[calib[:1]])
+        with torch.no_grad():
+            head_err[method] = ((m.lm_head(hidden) - ref_logits) ** 2).mean().item()
+    assert head_err["gptq"] < head_err["rtn"]
+
+
+def kl_to(reference, model, ids):
+    with torch.no_grad():
+        p = torch.log_softmax(reference(ids), -1)
+        q = torch.log_softmax(model(ids), -1)
+    return torch.nn.functional.kl_div(q.flatten(0, 1), p.flatten(0, 1), log_target=True, reduction="batchmean").item()
+
+
+@pytest.mark.parametrize("bits,method,at_most", [(4, "rtn", 0.8), (8, "gptq", 0.9)])  # INT8 starts very close
+def test_tuning_the_scales_brings_the_model_closer_to_the_float_model(bits, method, at_most):
+    torch.manual_seed(0)
+    calib = torch.randint(0, 96, (16, 24))
+    reference = fake_model(tied=False, n_layer=1)
+    untuned = fake_model(tied=False, n_layer=1)
+    quantize_model(untuned, bits=bits, group_size=32, method=method, calibration=calib, progress=False)
+    tuned = fake_model(tied=False, n_layer=1)
+    section = quantize_model(tuned, bits=bits, group_size=32, method=method, calibration=calib, progress=False,
+                             tune_steps=30, tune_lr=2e-2)
+    assert section["tune_steps"] == 30
+    assert kl_to(reference, tuned, calib) < at_most * kl_to(reference, untuned, calib)
+    for name, store in tuned.named_modules():
+        if isinstance(store, quant._QuantStore):
+            other = untuned.get_submodule(name)
+            assert torch.equal(store.qweight, other.qweight)  # only scales and offsets move
+            assert store.scale.dtype == other.scale.dtype and not store.scale.requires_grad
+    assert all(p.requires_grad for p in tuned.parameters())  # left as it was found
+    # the tuned state saves and reloads bit for bit
+    fresh = fake_model(seed=5, tied=False, n_layer=1)
+    apply_quantization(fresh, section)
+    fresh.load_state_dict(load(save(tuned.state_dict())), strict=True)
+    assert torch.equal(fresh(calib[:2]), tuned(calib[:2]))
+
+
+def test_tuning_without_calibration_is_a_user_error():
+    with pytest.raises(UserError, match="calibration"):
+        quantize_model(fake_model(), bits=4, tune_steps=5, progress=False)
+    with pytest.raises(UserError, match="tune-steps"):
+        quantize_model(fake_model(), bits=4, tune_steps=-1, calibration=torch.zeros(1, 4, dtype=torch.long), progress=False)

@@ -99,3 +99,22 @@ def test_memory_accounting_counts_shared_tensors_once():
     lin = torch.nn.Linear(4, 4)
     m = torch.nn.Sequential(lin, lin)
     assert model_nbytes(m) == (16 + 4) * 4
+
+
+def test_cli_tuned_gptq_run_reloads_and_generates(float_run, calibration_dataset, tmp_path):
+    src = float_run["gpt2-tiny"]  # tied: GPTQ quantizes the shared matrix as the head
+    assert cli_main(["quantize", "--model", str(src), "--bits", "4", "--group-size", "32", "--method", "gptq",
+                     "--calibration", str(calibration_dataset), "--calibration-windows", "8",
+                     "--calibration-seq-len", "32", "--tune-steps", "3", "--out", str(tmp_path / "q")]) == 0
+    run = load_run(tmp_path / "q")
+    section = run.config["quantization"]
+    assert section["method"] == "gptq" and section["tune_steps"] == 3
+    assert section["modules"]["lm_head"] == {"tied_to": "tok_embeddings"}
+    lm = scratchlm.load(tmp_path / "q")
+    assert lm.complete("Hello", max_new_tokens=6, ignore_eos=True)[0].completion_tokens == 6
+
+
+def test_tuning_needs_a_calibration_dataset(float_run, tmp_path, capsys):
+    src = float_run["llama-tiny"]
+    assert cli_main(["quantize", "--model", str(src), "--bits", "4", "--tune-steps", "2", "--out", str(tmp_path / "t")]) == 2
+    assert "--tune-steps" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`scratchlm quantize` and `scratchlm serve`: thin CLI verbs over the deployment modules.
 
     scratchlm quantize --model RUN --bits 8|4 [--group-size G] [--method rtn|gptq]
-                       [--calibration DATASET_DIR] [--embed-bits ...] [--head-bits ...] --out RUN2
+                       [--calibration DATASET_DIR] [--embed-bits ...] [--head-bits ...]
+                       [--tune-steps N] --out RUN2
     scratchlm serve --model RUN [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Not for logic: see `scratchlm.model.quant` and `scratchlm.infer.server`.
@@ -30,6 +31,10 @@ def register(subparsers) -> None:
                    help="token embedding format (default: same as --bits; a tied head follows it)")
     q.add_argument("--head-bits", choices=["same", "8", "4", "none"], default="same",
                    help="output head format when it is not tied (default: same as --bits)")
+    q.add_argument("--tune-steps", type=int, default=0, metavar="N",
+                   help="then tune the scales/offsets for N steps to match the float model on the "
+                   "calibration windows (needs --calibration; default 0 = off)")
+    q.add_argument("--tune-lr", type=float, default=1e-2, help="learning rate of --tune-steps (default 0.01)")
     q.set_defaults(func=run_quantize)
 
     s = subparsers.add_parser(
@@ -54,6 +59,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
         calibration_dir=args.calibration, calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len, embed_bits=args.embed_bits, head_bits=args.head_bits,
+        tune_steps=args.tune_steps, tune_lr=args.tune_lr,
     )
     print(report.summary(), file=sys.stderr)
     return 0

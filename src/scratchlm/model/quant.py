@@ -10,7 +10,14 @@ and dequantizes on the fly in `forward`:
 - Round-to-nearest (`method="rtn"`), or GPTQ (`method="gptq"`): columns are quantized one at a
   time and each one's rounding error is pushed onto the columns not yet quantized through the
   inverse Hessian of calibration activations (Frantar et al., 2022), layer after layer, so each
-  layer is calibrated on the outputs of the already-quantized layers before it.
+  layer is calibrated on the outputs of the already-quantized layers before it. GPTQ also
+  searches each INT4 group's clipping range (the [min, max] the 16 levels span) for the least
+  error, weighted as GPTQ weighs it, and quantizes the embedding with the least-squares clip.
+- Optionally (`tune_steps > 0`, on top of either method): the integer codes stay as they are and
+  the per-group scales and offsets are tuned by gradient descent so that the quantized model's
+  next-token distribution on the calibration windows matches the float model's (KL divergence).
+  Layer-by-layer GPTQ cannot see how errors add up through the network and the softmax; this
+  step does, at the cost of a few forward/backward passes.
 
 A quantized run dir stores the codes and scales in `model.safetensors` (names like
 `layers.0.attn.q_proj.qweight` / `.scale` / `.offset`) and says which module has which format in
@@ -23,6 +30,7 @@ matmul runs in the activations' float dtype after dequantizing the weight).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -99,6 +107,42 @@ def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
     raise ValueError(f"unsupported bits {bits}")
 
 
+# Fractions of a group's [min, max] range cut off at the bottom and at the top; every pair is tried.
+CLIP_FRACTIONS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.15, 0.2, 0.25)
+
+
+def search_group_params(
+    w: torch.Tensor, bits: int, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Like `group_params`, but with the clipping range that minimises the rounding error.
+
+    For each row of `w [rows, group]`, the range [min, max] is narrowed by every pair of
+    `CLIP_FRACTIONS` (INT8: max|w| shrunk by each); the pair whose codes give the least
+    `sum(importance * (w - dequant)^2)` wins. Clipping a few outliers buys a finer step for the
+    rest, which is usually the better trade. `importance [rows, group]` (default 1) weighs columns.
+    """
+    w = w.float()
+    importance = torch.ones_like(w) if importance is None else importance.float().expand_as(w)
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    span = hi - lo
+    best_err = torch.full_like(lo, math.inf)
+    best_scale, best_offset = torch.ones_like(lo), None if bits == 8 else torch.zeros_like(lo)
+    candidates = [(a, b) for a in CLIP_FRACTIONS for b in CLIP_FRACTIONS] if bits == 4 else [(0.0, b) for b in CLIP_FRACTIONS]
+    for cut_lo, cut_hi in candidates:
+        if bits == 8:
+            peak = w.abs().amax(dim=1) * (1 - cut_hi)
+            scale, offset = group_params(torch.stack((-peak, peak), dim=1), bits)
+        else:
+            scale, offset = group_params(torch.stack((lo + cut_lo * span, hi - cut_hi * span), dim=1), bits)
+        err = (importance * (dequantize_codes(quantize_codes(w, scale, offset, bits), scale, offset) - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if offset is not None:
+            best_offset = torch.where(better, offset, best_offset)
+    return best_scale, best_offset
+
+
 def _next_up_half(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(x, torch.full_like(x, math.inf))
 
@@ -115,16 +159,17 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return w if offset is None else w + offset[:, None]
 
 
-def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None, clip_search: bool = False) -> QuantizedWeight:
     """Round-to-nearest quantization of `w [rows, cols]`.
 
     INT8 is per row (`group_size` must be None); INT4 uses groups of `group_size` columns
-    (None = one group per row).
+    (None = one group per row). `clip_search` picks each group's range by `search_group_params`
+    (least squared error) instead of its plain [min, max].
     """
     rows, cols = w.shape
     group = _check_group(bits, group_size, cols, "weight")
     groups = w.float().reshape(rows * (cols // group), group)
-    scale, offset = group_params(groups, bits)
+    scale, offset = search_group_params(groups, bits) if clip_search else group_params(groups, bits)
     codes = quantize_codes(groups, scale, offset, bits).reshape(rows, cols)
     return _to_storage(codes, scale.reshape(rows, -1), None if offset is None else offset.reshape(rows, -1), bits)
 
@@ -364,13 +409,19 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    tune_steps: int = 0,
+    tune_lr: float = 1e-2,
 ) -> dict:
     """Quantize `model` in place and return the `quantization` section for its config.json.
 
     `bits` applies to the block projections; `embed_bits` / `head_bits` (8, 4, None = keep float,
     "same" = `bits`) to the token embedding and the output head. A tied head follows the
     embedding. `group_size` is used by INT4 only. GPTQ needs `calibration`, token windows
-    `[N, T]` (see `sample_calibration_windows`); the embedding is always round-to-nearest.
+    `[N, T]` (see `sample_calibration_windows`). With GPTQ an untied head is calibrated on the
+    final norm's outputs like any projection, a tied embedding/head matrix is quantized by GPTQ as
+    the head (the lookup reads the same codes), and an untied embedding (a lookup: no inputs to
+    calibrate on) gets the least-squares clipping range. `tune_steps > 0` then tunes the scales
+    and offsets against the float model on `calibration` (`tune_scales`).
     """
     if method not in METHODS:
         raise UserError(f"unknown quantization method {method!r}: use one of {', '.join(METHODS)}")
@@ -381,6 +432,11 @@ def quantize_model(
     head_bits = _resolve_bits(head_bits, bits, "--head-bits")
     if method == "gptq" and calibration is None:
         raise UserError("GPTQ needs calibration data: pass --calibration DATASET_DIR")
+    if tune_steps < 0:
+        raise UserError(f"--tune-steps must be >= 0, got {tune_steps}")
+    if tune_steps and calibration is None:
+        raise UserError("tuning the scales needs calibration data: pass --calibration DATASET_DIR")
+    reference = copy.deepcopy(model) if tune_steps else None
     tied = _is_tied(model)
 
     # name -> (bits, group size for that matrix's input size)
@@ -403,20 +459,31 @@ def quantize_model(
     emb = getattr(model, EMBEDDING_NAME, None)
     if embed_bits is not None and isinstance(emb, nn.Embedding):
         g = group_for(emb.embedding_dim, embed_bits, group_size, EMBEDDING_NAME)
-        modules.update(_quantize_embedding(model, embed_bits, g, tied))
+        qw = None
+        if method == "gptq" and tied:
+            qw = _gptq_tied_head(model, embed_bits, g, calibration, batch_size)
+        modules.update(_quantize_embedding(model, embed_bits, g, tied, qw, clip_search=method == "gptq"))
     uses_groups = any(m.get("bits") == 4 for m in modules.values())
-    return {
+    section = {
         "format": FORMAT,
         "method": method,
         "bits": bits,
         "group_size": group_size if uses_groups else None,
         "modules": modules,
     }
+    if tune_steps:
+        tune_scales(model, reference, calibration, tune_steps, tune_lr, batch_size, progress=progress)
+        section["tune_steps"] = tune_steps
+    return section
 
 
-def _quantize_embedding(model: nn.Module, bits: int, group_size: int | None, tied: bool) -> dict:
+def _quantize_embedding(
+    model: nn.Module, bits: int, group_size: int | None, tied: bool, qw: QuantizedWeight | None = None,
+    clip_search: bool = False,
+) -> dict:
     emb: nn.Embedding = getattr(model, EMBEDDING_NAME)
-    qw = quantize_weight(emb.weight.data, bits, group_size)
+    if qw is None:
+        qw = quantize_weight(emb.weight.data, bits, group_size, clip_search=clip_search)
     qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, bits, group_size, emb.weight.dtype)
     qemb.set_quantized(qw)
     qemb.to(emb.weight.device)
@@ -494,13 +561,16 @@ def gptq_quantize_weight(
     group_size: int | None = None,
     damp: float = 0.01,
     block_size: int = 128,
+    clip_search: bool = True,
 ) -> QuantizedWeight:
     """GPTQ for one weight `[rows, cols]` given `hessian = sum x x^T` of its inputs `[cols, cols]`.
 
     Columns are quantized left to right; the error of each is spread over the remaining columns
     through the upper Cholesky factor of the inverse Hessian, so that the layer's output on the
     calibration inputs changes as little as possible. Groups are aligned with the blocks so each
-    group's scale is computed from the error-corrected weights it will actually hold.
+    group's scale is computed from the error-corrected weights it will actually hold; with
+    `clip_search`, its clipping range is searched (`search_group_params`) weighting each column by
+    1 / [H^-1]_jj, the weight GPTQ's own objective gives that column's rounding error.
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape
@@ -523,7 +593,11 @@ def gptq_quantize_weight(
         for i in range(i2 - i1):
             col = i1 + i
             if col % group == 0:
-                s, o = group_params(W1[:, i : i + group], bits)
+                if clip_search:
+                    importance = U1.diagonal()[i : i + group].pow(-2)[None, :]
+                    s, o = search_group_params(W1[:, i : i + group], bits, importance)
+                else:
+                    s, o = group_params(W1[:, i : i + group], bits)
                 scales[:, col // group] = s
                 if o is not None:
                     offsets[:, col // group] = o
@@ -583,6 +657,20 @@ def _gptq_model(model, plan: dict[str, tuple[int, int | None]], calibration, bat
     model.train(was_training)
 
 
+def _gptq_tied_head(model, bits: int, group_size: int | None, calibration, batch_size: int) -> QuantizedWeight:
+    """GPTQ for a tied embedding/head matrix, calibrated as the head (on the final norm's outputs).
+
+    The head is where this matrix's rounding error reaches the logits of every position; the
+    lookup then reads the same codes, so the model stays tied.
+    """
+    calibration = torch.as_tensor(calibration, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    hessian = _collect_hessians(model, [HEAD_NAME], None, calibration, batch_size, _device_of(model))[HEAD_NAME]
+    model.train(was_training)
+    return gptq_quantize_weight(getattr(model, HEAD_NAME).weight.data, hessian, bits, group_size)
+
+
 @torch.no_grad()
 def _collect_hessians(model, names, stop_at, calibration, batch_size, device) -> dict[str, torch.Tensor]:
     hessians: dict[str, torch.Tensor] = {}
@@ -618,6 +706,82 @@ def _collect_hessians(model, names, stop_at, calibration, batch_size, device) ->
     return hessians
 
 
+# ---------------------------------------------------------------------------------------------
+# Scale tuning (after RTN or GPTQ)
+
+
+def tune_scales(
+    model: nn.Module,
+    reference: nn.Module,
+    calibration: torch.Tensor,
+    steps: int,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Tune a quantized model's scales and offsets (codes fixed) to match `reference` on `calibration`.
+
+    Each step draws `batch_size` windows and lowers the KL divergence from the float model's
+    next-token distribution to the quantized one's, with Adam. A group's scale is tuned as
+    `scale * exp(a * 16 / 2**bits)` and its offset as `offset + b * scale`, so one learning rate
+    suits groups of any magnitude and either width: a step of `lr` moves every group's largest
+    codes by about the same share of a quantization step (INT8's are 16x finer than INT4's).
+    The results are rounded to the storage dtypes at the end. Returns the loss of each step.
+    """
+    calibration = torch.as_tensor(calibration, dtype=torch.long)
+    stores = [m for m in model.modules() if isinstance(m, _QuantStore)]
+    if not stores:
+        return []
+    device = _device_of(model)
+    frozen = [(p, p.requires_grad) for p in list(model.parameters()) + list(reference.parameters())]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    start = {m: (m.scale.detach().float(), None if m.offset is None else m.offset.detach().float()) for m in stores}
+    log_scale = {m: torch.zeros_like(start[m][0], requires_grad=True) for m in stores}
+    shift = {m: torch.zeros_like(start[m][0], requires_grad=True) for m in stores if m.offset is not None}
+    optimizer = torch.optim.Adam(list(log_scale.values()) + list(shift.values()), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    was_training, ref_training = model.training, reference.training
+    model.eval()
+    reference.eval()
+    losses = []
+    try:
+        for _ in _progress(range(steps), progress, "tune scales", unit="step"):
+            rows = torch.randint(0, calibration.shape[0], (min(batch_size, calibration.shape[0]),), generator=generator)
+            ids = calibration[rows].to(device)
+            with torch.no_grad():
+                target = F.log_softmax(reference(ids).float(), dim=-1).flatten(0, -2)
+            for m in stores:  # the modules read these buffers in forward: point them at the tuned values
+                scale0, offset0 = start[m]
+                m._buffers["scale"] = scale0 * torch.exp(log_scale[m] * _scale_step(m.bits))
+                if offset0 is not None:
+                    m._buffers["offset"] = offset0 + shift[m] * scale0
+            logp = F.log_softmax(model(ids).float(), dim=-1).flatten(0, -2)
+            loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        with torch.no_grad():
+            for m in stores:
+                scale0, offset0 = start[m]
+                dtype = torch.float32 if m.bits == 8 else torch.float16
+                m._buffers["scale"] = (scale0 * torch.exp(log_scale[m] * _scale_step(m.bits))).to(dtype).contiguous()
+                if offset0 is not None:
+                    m._buffers["offset"] = (offset0 + shift[m] * scale0).to(dtype).contiguous()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+        reference.train(ref_training)
+    return losses
+
+
+def _scale_step(bits: int) -> float:
+    return 16 / 2**bits
+
+
 def sample_calibration_windows(dataset_dir, n_windows: int = 128, seq_len: int = 256, seed: int = 0, split: str = "train") -> torch.Tensor:
     """`n_windows` random token windows `[n, seq_len]` from a dataset dir, for GPTQ."""
     from scratchlm.data.loader import TokenLoader
@@ -627,12 +791,12 @@ def sample_calibration_windows(dataset_dir, n_windows: int = 128, seq_len: int =
     return inputs
 
 
-def _progress(items: list, enabled: bool, desc: str) -> Iterable:
+def _progress(items, enabled: bool, desc: str, unit: str = "layer") -> Iterable:
     if not enabled:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="layer", leave=False)
+    return tqdm(items, desc=desc, unit=unit, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,8 +845,12 @@ def quantize_run(
     head_bits="same",
     seed: int = 0,
     progress: bool = True,
+    tune_steps: int = 0,
+    tune_lr: float = 1e-2,
 ) -> QuantizeReport:
-    """Quantize the run at `run_dir` into a new run dir `out_dir` (config gains `quantization`)."""
+    """Quantize the run at `run_dir` into a new run dir `out_dir` (config gains `quantization`).
+
+    GPTQ and `tune_steps > 0` calibrate on `calibration_windows` windows of `calibration_dir`."""
     import shutil
     import time
     from pathlib import Path
@@ -698,15 +866,16 @@ def quantize_run(
         raise UserError(f"{run_dir / CONFIG_FILE}: this run is already quantized")
     source_memory = model_nbytes(run.model)
     calibration = None
-    if method == "gptq":
+    if method == "gptq" or tune_steps:
         if calibration_dir is None:
-            raise UserError("--method gptq needs --calibration DATASET_DIR (token windows to calibrate on)")
+            what = "--method gptq" if method == "gptq" else "--tune-steps"
+            raise UserError(f"{what} needs --calibration DATASET_DIR (token windows to calibrate on)")
         seq_len = min(calibration_seq_len, run.model.config.max_seq_len)
         calibration = sample_calibration_windows(calibration_dir, calibration_windows, seq_len, seed)
         if int(calibration.max()) >= run.model.config.vocab_size:
             raise UserError(f"{calibration_dir}: token ids exceed the model's vocab_size; wrong tokenizer?")
     section = quantize_model(run.model, bits, group_size, method, embed_bits, head_bits, calibration,
-                             progress=progress)
+                             progress=progress, tune_steps=tune_steps, tune_lr=tune_lr)
     config = dict(run.config)
     config["quantization"] = section
     save_run(out_dir, run.model, None, config)
