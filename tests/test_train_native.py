@@ -214,3 +214,33 @@ def test_bf16_run_with_the_kernels_resumes_bitwise(tmp_path):
     pretrain(data, out, load_config(None, sets))
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_pass_adamw_equals_the_multi_tensor_update(monkeypatch):
+    from scratchlm.train.optim import AdamW
+
+    def run(use_native):
+        if not use_native:
+            monkeypatch.setattr(native, "_LIBRARY", [None])
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(11))]
+        opt = AdamW([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                    lr=1e-2, betas=(0.9, 0.95))
+        for step in range(5):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 1)) + 0.1
+            opt.step()
+        monkeypatch.undo()
+        return params, opt.state
+
+    calls = []
+    real = native.adamw_step_
+    monkeypatch.setattr(native, "adamw_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, ours_state = run(use_native=True)
+    assert len(calls) == 10  # 2 parameters x 5 steps, through the kernel
+    ref, ref_state = run(use_native=False)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(ours_state.values(), ref_state.values()):
+        assert a["step"] == b["step"] == 5
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-6, atol=1e-12)

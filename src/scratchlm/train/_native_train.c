@@ -21,7 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define NATIVE_TRAIN_VERSION 2
+#define NATIVE_TRAIN_VERSION 3
 
 int native_train_version(void) { return NATIVE_TRAIN_VERSION; }
 
@@ -182,5 +182,25 @@ void cross_entropy_rows_bf16(uint16_t *restrict logits, const int64_t *restrict 
         float inv = bad ? f32_nan() : 1.0f / sum;
         for (int64_t j = 0; j < v; j++) row[j] = f32_to_bf16(scratch[j] * inv);
         row[tgt] = f32_to_bf16(scratch[tgt] * inv - 1.0f);
+    }
+}
+
+/* ---- AdamW -------------------------------------------------------------------------------- */
+
+/* One AdamW update of elements [start, stop) of an fp32 parameter, in one pass over p, g and the
+   two moments (torch's multi-tensor version makes eight passes, and the 5 M parameters' state
+   does not fit in cache): m += (1 - b1)(g - m); v = b2 v + (1 - b2) g^2; p *= 1 - lr wd;
+   p -= step_size m / (sqrt(v) / bc2_sqrt + eps), as torch.optim.AdamW. */
+void adamw_f32(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+               int64_t start, int64_t stop, float beta1, float beta2, float decay, float step_size,
+               float eps, float bc2_sqrt) {
+    float inv_bc2_sqrt = 1.0f / bc2_sqrt;
+    for (int64_t i = start; i < stop; i++) {
+        float gi = g[i];
+        float mi = m[i] + (1.0f - beta1) * (gi - m[i]);
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
     }
 }

@@ -11,7 +11,8 @@ threads (ctypes releases the GIL), and every row is computed the same way whatev
 so results do not depend on the thread count.
 
 Public: `library()`, `gelu_tanh(x)` and `causal_softmax(scores, scale)` (autograd functions for
-bf16 CPU tensors), `cross_entropy_rows_(logits, targets)`. Not for fp32/fp16 tensors, GPUs or
+bf16 CPU tensors), `cross_entropy_rows_(logits, targets)`, and `adamw_step_(...)`, AdamW's update
+of one fp32 parameter in one pass (used by `scratchlm.train.optim`). Not for fp32/fp16 tensors, GPUs or
 inference (the model's own torch path is what inference and exports are tested against).
 """
 
@@ -36,7 +37,7 @@ SOURCE = Path(__file__).with_name("_native_train.c")
 # on flush-to-zero for the whole process at load time.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=gnu11", "-c"]
 LINK_FLAGS = ["-shared"]
-VERSION = 2  # NATIVE_TRAIN_VERSION in _native_train.c
+VERSION = 3  # NATIVE_TRAIN_VERSION in _native_train.c
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -46,6 +47,7 @@ _SIGNATURES = {
     "causal_softmax_fwd_bf16": ([_P, _P, _I, _F, _I, _I, _P], None),
     "causal_softmax_bwd_bf16": ([_P, _P, _P, _I, _F, _I, _I], None),
     "cross_entropy_rows_bf16": ([_P, _P, _P, _I, _I, _I, _P], None),
+    "adamw_f32": ([_P, _P, _P, _P, _I, _I, _F, _F, _F, _F, _F, _F], None),
 }
 
 _LIBRARY: list = []  # [] = not tried yet, [None] = unavailable, [lib] = loaded
@@ -235,3 +237,23 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     _run_split(lambda i, a, b: lib.cross_entropy_rows_bf16(
         logits.data_ptr(), targets.data_ptr(), nll.data_ptr(), vocab, a, b, scratch[i].data_ptr()), ranges)
     return nll
+
+
+# ---- AdamW ---------------------------------------------------------------------------------
+
+
+def adamw_applies(tensors) -> bool:
+    """True when the one-pass AdamW kernel can update these (fp32, contiguous, CPU) tensors."""
+    return library() is not None and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def adamw_step_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """torch.optim.AdamW's update of one parameter and its moments, in place, in one pass."""
+    lib = library()
+    bias_correction1 = 1.0 - beta1**step
+    bc2_sqrt = (1.0 - beta2**step) ** 0.5
+    decay, step_size = 1.0 - lr * weight_decay, lr / bias_correction1
+    ptrs = (param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr())
+    _run_split(lambda i, a, b: lib.adamw_f32(*ptrs, a, b, beta1, beta2, decay, step_size, eps, bc2_sqrt),
+               _split_rows(param.numel(), 1))
