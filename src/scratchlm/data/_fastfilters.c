@@ -130,7 +130,6 @@ static int spanset_alloc(SpanSet *t, size_t size) {
         PyErr_NoMemory();
         return -1;
     }
-    if (t->used == 0) starts[0] = lens[0] = 0; /* word_id_padded may read entry 0 of an empty set */
     for (size_t i = 0; t->slots && i <= t->mask; i++) { /* rehash what a smaller table held */
         if (t->slots[i] == 0) continue;
         size_t j = (size_t)(t->slots[i] >> 32) & (size - 1);
@@ -154,12 +153,12 @@ static int spanset_init(SpanSet *t, size_t expected) {
 /* The id (0-based, in order of first appearance) of the bytes base[start:start+len];
    *added says whether they are new. -1 when out of memory. The slot index and the stored tag
    both come from the high 32 bits of the hash (tables stay far below 2^32 slots). */
-ALWAYS_INLINE int64_t spanset_id_of(const int PADDED, SpanSet *t, const char *base,
-                                    Py_ssize_t start, Py_ssize_t len, int *added) {
+ALWAYS_INLINE int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start,
+                                 Py_ssize_t len, int *added) {
     if (3 * ((size_t)t->used + 1) > 2 * (t->mask + 1) && spanset_alloc(t, 2 * (t->mask + 1)) < 0)
         return -1;
     const unsigned char *span = (const unsigned char *)base + start;
-    uint64_t tag = (PADDED ? hash_padded(span, (size_t)len) : hash_bytes(span, (size_t)len)) >> 32;
+    uint64_t tag = hash_bytes(span, (size_t)len) >> 32;
     size_t i = (size_t)tag & t->mask;
     for (;;) {
         uint64_t slot = t->slots[i];
@@ -175,8 +174,7 @@ ALWAYS_INLINE int64_t spanset_id_of(const int PADDED, SpanSet *t, const char *ba
             uint32_t id = (uint32_t)slot - 1;
             const unsigned char *seen = (const unsigned char *)base + t->starts[id];
             if (t->lens[id] == len &&
-                (PADDED ? equal_padded(seen, span, (size_t)len)
-                        : memcmp(seen, span, (size_t)len) == 0)) {
+                memcmp(seen, span, (size_t)len) == 0) {
                 *added = 0;
                 return id;
             }
@@ -185,33 +183,128 @@ ALWAYS_INLINE int64_t spanset_id_of(const int PADDED, SpanSet *t, const char *ba
     }
 }
 
-#define spanset_id(t, base, start, len, added) spanset_id_of(0, t, base, start, len, added)
 
-/* spanset_id_of(1, ...) for a word of a padded buffer, with no branch that depends on whether
-   the word is new (about half are, at random): the first slot probed either holds the word,
-   or is empty and takes it, both done with conditional moves; only a collision (rare, the
-   table is at most 2/3 full) takes the loop. */
-ALWAYS_INLINE int64_t word_id_padded(SpanSet *t, const char *base, Py_ssize_t start,
-                                     Py_ssize_t len, int *added) {
-    if (3 * ((size_t)t->used + 1) > 2 * (t->mask + 1) && spanset_alloc(t, 2 * (t->mask + 1)) < 0)
+/* -- the words of ASCII text: a set of its own ------------------------------------------------ */
+/* A slot holds a word's first 8 bytes next to its key (24 bits of hash, its length up to 255,
+   id + 1; 0 = empty), so a word of 8 letters or fewer (most) is confirmed by the one slot,
+   without loading the span of the earlier word, and whether it is new decides no branch:
+   either the first slot probed holds it or is empty and takes it (conditional moves). Only a
+   collision (rare: the table is kept sparse) takes the probing loop. The words are spans of
+   one padded buffer (see hash_padded). */
+typedef struct {
+    uint64_t key, head;
+} WordSlot;
+
+typedef struct {
+    WordSlot *slots;
+    size_t mask;
+    uint32_t used;
+    const unsigned char *base;
+    Py_ssize_t *starts, *lens; /* per id */
+} WordSet;
+
+#define WORD_KEY(hash, len) (((hash) >> 40 << 40) | ((uint64_t)((len) < 255 ? (len) : 255) << 32))
+
+static void wordset_free(WordSet *t) {
+    PyMem_Free(t->slots);
+    PyMem_Free(t->starts);
+    PyMem_Free(t->lens);
+    t->slots = NULL; t->starts = t->lens = NULL;
+}
+
+ALWAYS_INLINE uint64_t word_head(const unsigned char *span, Py_ssize_t len) {
+    uint64_t v;
+    memcpy(&v, span, 8);
+    return v & FIRST_BYTES(len < 8 ? len : 8);
+}
+
+static int wordset_alloc(WordSet *t, size_t size) {
+    WordSlot *slots = PyMem_Calloc(size, sizeof(WordSlot));
+    size_t capacity = size * 2 / 3 + 1;
+    Py_ssize_t *starts = PyMem_Realloc(t->starts, capacity * sizeof(Py_ssize_t));
+    if (starts) t->starts = starts;
+    Py_ssize_t *lens = PyMem_Realloc(t->lens, capacity * sizeof(Py_ssize_t));
+    if (lens) t->lens = lens;
+    if (!slots || !starts || !lens) {
+        PyMem_Free(slots);
+        PyErr_NoMemory();
         return -1;
-    const unsigned char *span = (const unsigned char *)base + start;
-    uint64_t tag = hash_padded(span, (size_t)len) >> 32;
-    size_t i = (size_t)tag & t->mask;
-    uint64_t slot = t->slots[i];
-    uint32_t id = slot ? (uint32_t)slot - 1 : 0; /* entry 0 always exists (see spanset_alloc) */
-    Py_ssize_t seen_start = slot ? t->starts[id] : start, seen_len = slot ? t->lens[id] : len;
-    int match = (slot != 0) & ((slot >> 32) == tag) & (seen_len == len) &
-                equal_padded((const unsigned char *)base + seen_start, span, (size_t)len);
-    if (__builtin_expect(!(match | (slot == 0)), 0))
-        return spanset_id_of(1, t, base, start, len, added); /* a collision: probe on */
+    }
+    for (uint32_t id = 0; id < t->used; id++) { /* rehash what a smaller table held */
+        const unsigned char *span = t->base + t->starts[id];
+        uint64_t h = hash_padded(span, (size_t)t->lens[id]);
+        size_t j = (size_t)h & (size - 1);
+        while (slots[j].key != 0) j = (j + 1) & (size - 1);
+        slots[j].key = WORD_KEY(h, t->lens[id]) | (id + 1);
+        slots[j].head = word_head(span, t->lens[id]);
+    }
+    PyMem_Free(t->slots);
+    t->slots = slots;
+    t->mask = size - 1;
+    return 0;
+}
+
+static int wordset_init(WordSet *t, const unsigned char *base, size_t expected) {
+    size_t size = 16;
+    while (size < expected + expected / 2 + 2) size <<= 1;
+    memset(t, 0, sizeof *t);
+    t->base = base;
+    return wordset_alloc(t, size);
+}
+
+/* Whether the slot holds the word span[0:len] (key = WORD_KEY of its hash, head its first
+   bytes): key and head, and for a longer word the rest of it. */
+ALWAYS_INLINE int wordset_holds(const WordSet *t, WordSlot slot, uint64_t key, uint64_t head,
+                                const unsigned char *span, Py_ssize_t len) {
+    if ((slot.key & ~0xffffffffULL) != key || slot.head != head) return 0;
+    if (len <= 8) return 1;
+    uint32_t id = (uint32_t)slot.key - 1;
+    return t->lens[id] == len && equal_padded(t->base + t->starts[id] + 8, span + 8, (size_t)len - 8);
+}
+
+/* The id (0-based, in order of first appearance) of the word base[start:start+len]; *added
+   says whether it is new. -1 when out of memory. */
+ALWAYS_INLINE int64_t wordset_id(WordSet *t, Py_ssize_t start, Py_ssize_t len, int *added) {
+    if (3 * ((size_t)t->used + 1) > 2 * (t->mask + 1) && wordset_alloc(t, 2 * (t->mask + 1)) < 0)
+        return -1;
+    const unsigned char *span = t->base + start;
+    uint64_t h = hash_padded(span, (size_t)len), key = WORD_KEY(h, len);
+    uint64_t head = word_head(span, len);
+    size_t i = (size_t)h & t->mask;
+    WordSlot slot = t->slots[i];
     uint32_t new_id = t->used;
-    t->slots[i] = match ? slot : (tag << 32) | (new_id + 1);
+    int empty = slot.key == 0;
+    /* the short case without a branch; a longer word is checked in full */
+    int match = len <= 8 ? ((slot.key & ~0xffffffffULL) == key) & (slot.head == head)
+                         : wordset_holds(t, slot, key, head, span, len);
+    if (__builtin_expect(!(match | empty), 0)) { /* a collision: probe on */
+        for (;;) {
+            i = (i + 1) & t->mask;
+            slot = t->slots[i];
+            if (slot.key == 0) break;
+            if (wordset_holds(t, slot, key, head, span, len)) {
+                *added = 0;
+                return (uint32_t)slot.key - 1;
+            }
+        }
+        match = 0;
+    }
+    WordSlot fresh = {key | (new_id + 1), head};
+    t->slots[i] = match ? slot : fresh;
     t->starts[new_id] = start; /* room for one more is ensured above; unused when matched */
     t->lens[new_id] = len;
     t->used = new_id + (uint32_t)!match;
     *added = !match;
-    return match ? id : new_id;
+    return match ? (uint32_t)slot.key - 1 : new_id;
+}
+
+/* Whether the set holds the word `word` (len bytes, zero padded). */
+static int wordset_contains(const WordSet *t, const unsigned char *word, Py_ssize_t len) {
+    uint64_t h = hash_padded(word, (size_t)len), key = WORD_KEY(h, len);
+    uint64_t head = word_head(word, len);
+    for (size_t i = (size_t)h & t->mask; t->slots[i].key != 0; i = (i + 1) & t->mask)
+        if (wordset_holds(t, t->slots[i], key, head, word, len)) return 1;
+    return 0;
 }
 
 /* -- words of the lowered text: lowered.split() ---------------------------------------------- */
@@ -255,46 +348,44 @@ ALWAYS_INLINE int is_space(const int KIND, Py_UCS4 c) {
 
 /* Words go into a sink: interned, counted, checked against the stop words. */
 typedef struct {
-    SpanSet set;
+    SpanSet set;   /* the general path's words */
+    WordSet ascii; /* the ASCII path's (padded) words */
     uint64_t stop_seen;
     const StopWords *stop;
     Words *w;
 } WordSink;
 
-static int sink_init(WordSink *sink, Py_ssize_t n, const StopWords *stop, Words *w) {
-    sink->stop_seen = 0;
+/* A sink for the words of n characters: those of a padded ASCII buffer when `padded` is
+   given, else any. */
+static int sink_init(WordSink *sink, Py_ssize_t n, const StopWords *stop, Words *w,
+                     const unsigned char *padded) {
+    memset(sink, 0, sizeof *sink);
     sink->stop = stop;
     sink->w = w;
     /* room for a word in 6 characters: at most a quarter full in prose, so few collisions */
-    if (spanset_init(&sink->set, (size_t)n / 6 + 64) < 0) { spanset_free(&sink->set); return -1; }
-    return 0;
+    size_t expected = (size_t)n / 6 + 64;
+    int status = padded ? wordset_init(&sink->ascii, padded, expected)
+                        : spanset_init(&sink->set, expected);
+    if (status < 0) {
+        spanset_free(&sink->set);
+        wordset_free(&sink->ascii);
+    }
+    return status;
 }
 
 /* The stop words among the words of a padded ASCII text, looked up once each at the end
    instead of checking every new distinct word (a stop word is compared as given, so one with
    upper case or non-ASCII letters never matches the lowered ASCII words). */
-static void ascii_stop_words(WordSink *sink, const char *base) {
+static void ascii_stop_words(WordSink *sink) {
     const StopWords *stop = sink->stop;
-    SpanSet *t = &sink->set;
-    for (int k = 0; k < stop->count; k++) {
-        if (!stop->ascii[k]) continue;
-        const unsigned char *word = stop->bytes[k];
-        Py_ssize_t len = stop->len[k];
-        size_t i = (size_t)(hash_padded(word, (size_t)len) >> 32) & t->mask;
-        uint64_t tag = hash_padded(word, (size_t)len) >> 32;
-        for (; t->slots[i] != 0; i = (i + 1) & t->mask) {
-            uint32_t id = (uint32_t)t->slots[i] - 1;
-            if ((t->slots[i] >> 32) == tag && t->lens[id] == len &&
-                equal_padded((const unsigned char *)base + t->starts[id], word, (size_t)len)) {
-                sink->stop_seen |= (uint64_t)1 << k;
-                break;
-            }
-        }
-    }
+    for (int k = 0; k < stop->count; k++)
+        if (stop->ascii[k] && wordset_contains(&sink->ascii, stop->bytes[k], stop->len[k]))
+            sink->stop_seen |= (uint64_t)1 << k;
 }
 
 static void sink_finish(WordSink *sink) {
     spanset_free(&sink->set);
+    wordset_free(&sink->ascii);
     for (uint64_t seen = sink->stop_seen; seen; seen &= seen - 1) sink->w->stop_words++;
 }
 
@@ -304,8 +395,8 @@ ALWAYS_INLINE int add_word_of(const int KIND, const int PADDED, WordSink *sink, 
                               Py_ssize_t start, Py_ssize_t len) {
     Words *w = sink->w;
     int added;
-    int64_t id = PADDED ? word_id_padded(&sink->set, data, start, len, &added)
-                        : spanset_id_of(0, &sink->set, data, start * KIND, len * KIND, &added);
+    int64_t id = PADDED ? wordset_id(&sink->ascii, start, len, &added)
+                        : spanset_id(&sink->set, data, start * KIND, len * KIND, &added);
     if (id < 0) return -1;
     w->ids[w->count] = (uint32_t)id;
     w->lengths[w->count] = (uint32_t)len;
@@ -628,19 +719,19 @@ static PyObject *prose_stats(PyObject *self, PyObject *args) {
     w.lengths = PyMem_Malloc((n_low / 2 + 1) * sizeof(uint32_t));
     if (ascii) scratch = ascii_lowered_copy(data, n);
     if (!w.ids || !w.lengths || (ascii && !scratch)) { PyErr_NoMemory(); goto done; }
-    if (sink_init(&sink, n_low, &stop, &w) < 0) goto done;
+    if (sink_init(&sink, n_low, &stop, &w, ascii ? scratch : NULL) < 0) goto done;
     have_sink = 1;
     if (ascii) {
         status = ascii_classes_as_assumed(cls)
                      ? scan_ascii(data, scratch, n, bullets, n_bullets, &sink, &st)
                      : USE_GENERAL_PATH;
-        if (status == 0) ascii_stop_words(&sink, (const char *)scratch);
+        if (status == 0) ascii_stop_words(&sink);
         if (status == USE_GENERAL_PATH) { /* start again, a character at a time */
             sink_finish(&sink);
             have_sink = 0;
             w.count = w.chars = w.longest = w.stop_words = 0;
             memset(&st, 0, sizeof st);
-            if (sink_init(&sink, n_low, &stop, &w) < 0) goto done;
+            if (sink_init(&sink, n_low, &stop, &w, NULL) < 0) goto done;
             have_sink = 1;
             status = split_words(1, scratch, n, &sink);
             if (status == 0) status = scan_text(1, data, n, cls, bullets, n_bullets, &st);
