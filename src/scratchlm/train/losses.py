@@ -139,7 +139,7 @@ def _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index):
     kernel_targets = torch.where(valid, targets, torch.full_like(targets, -1))
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_h = torch.empty_like(h) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
+    grad_w = None
     total = torch.zeros((), dtype=torch.float64)
     group = max(1, NATIVE_GROUP_ELEMENTS // vocab)
     for start in range(0, n, group):
@@ -148,8 +148,9 @@ def _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index):
         total += cross_entropy_rows_(g, kernel_targets[start:stop]).sum(dtype=torch.float64)
         if grad_h is not None:  # the 1/count of the mean goes on the small products
             grad_h[start:stop] = (g @ w).to(h.dtype).div_(count)
-        if grad_w is not None:
-            grad_w += g.T @ hc[start:stop]
+        if need_w:  # cast, then add: torch's mixed-dtype add_ is twice as slow as the two
+            product = (g.T @ hc[start:stop]).float()
+            grad_w = product if grad_w is None else grad_w.add_(product)
     if grad_w is not None:
         grad_w = grad_w.div_(count).to(weight.dtype)
     loss = (total / count).to(torch.promote_types(h.dtype, torch.float32))
