@@ -27,11 +27,12 @@ import torch
 
 SOURCE = Path(__file__).with_name("_native_decode.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
-VERSION = 2  # the VERSION of _native_decode.c this module's bindings expect
+VERSION = 3  # the VERSION of _native_decode.c this module's bindings expect
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "native_version": ([], ctypes.c_int),
+    "advise_huge_pages": ([_P, _I], ctypes.c_int),
     "panel_width": ([], ctypes.c_int),
     "linear_packed_f32": ([_P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int], None),
     "rmsnorm_f32": ([_P, _I, _I, _P, ctypes.c_float, _P], None),
@@ -112,14 +113,35 @@ def panel_width() -> int:
     return library().panel_width()
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+def packed_numel(n: int, k: int) -> int:
+    """How many floats `pack_weight` needs for an `nn.Linear` weight [n, k]."""
+    panel = panel_width()
+    return -(-n // panel) * panel * k
+
+
+def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """An `nn.Linear` weight [N, K] as the kernels read it: panels of `panel_width()` output
-    columns, each [K, panel] contiguous, zero-padded past N. A copy; the source is untouched."""
+    columns, each [K, panel] contiguous, zero-padded past N. A copy (into `out`, a flat fp32
+    tensor of `packed_numel` floats, when given); the source is untouched."""
     panel = panel_width()
     n, k = weight.shape
     padded = torch.zeros(-(-n // panel) * panel, k, dtype=torch.float32)
     padded[:n] = weight.detach().float()
-    return padded.view(-1, panel, k).transpose(1, 2).contiguous()
+    source = padded.view(-1, panel, k).transpose(1, 2)
+    if out is None:
+        return source.contiguous()
+    packed = out.view(-1, k, panel)
+    packed.copy_(source)
+    return packed
+
+
+def huge_page_buffer(numel: int) -> torch.Tensor:
+    """A flat fp32 tensor whose memory the kernel is asked to back with 2 MiB pages (where the
+    OS offers it: Linux transparent huge pages in "madvise" or "always" mode). Fill it after this
+    call: only pages not yet touched can become huge pages."""
+    buffer = torch.empty(numel, dtype=torch.float32)
+    library().advise_huge_pages(buffer.data_ptr(), numel * 4)
+    return buffer
 
 
 def ptr(t: torch.Tensor | None) -> int | None:
