@@ -188,3 +188,17 @@ def test_threads_decoding_one_model_at_once_get_their_own_results():
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: generate_ids(model, p, max_new_tokens=12), prompts * 3))
     assert together == alone * 3
+
+
+def test_packed_weights_ask_for_huge_pages():
+    from pathlib import Path
+
+    lib = native.library()
+    small = torch.empty(1000)
+    assert lib.advise_huge_pages(small.data_ptr(), 4000) == 1  # no 2 MiB-aligned part
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this system")
+    buffer = native.huge_page_buffer(3 << 20)  # 12 MiB: several aligned 2 MiB pages inside
+    assert buffer.numel() == 3 << 20 and buffer.dtype == torch.float32
+    assert lib.advise_huge_pages(buffer.data_ptr(), buffer.numel() * 4) == 0
