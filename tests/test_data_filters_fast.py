@@ -77,10 +77,8 @@ def oracle_ngrams(words: list[str], n: int) -> tuple[int, int, int]:
 def fast_ngrams(stats, n: int) -> tuple[int, int, int]:
     grams = filters._fastfilters.ngrams(stats.ids, stats.lengths)
     count, chars = grams.top(n)
-    # the bound that lets the filter skip the count: at least count x chars of the top n-gram
-    # when it occurs twice or more
-    bound = grams.top_bound(n)
-    assert count < 2 or bound >= count * chars, (n, bound, count, chars)
+    # the bound that lets the filter skip the count: at least the count of the top n-gram
+    assert grams.count_bound(n) >= count, (n, grams.count_bound(n), count)
     return count, chars, grams.repeated_chars(n)
 
 
@@ -294,4 +292,7 @@ def test_ngrams_refuses_bad_input():
         ngrams((5).to_bytes(4, "little"), (1).to_bytes(4, "little"))  # an id >= word count
     with pytest.raises(ValueError):
         ngrams(b"", b"").top(0)
+    with pytest.raises(ValueError):
+        ngrams(b"", b"").count_bound(0)
     assert ngrams(b"", b"").top(2) == (0, 0) and ngrams(b"", b"").repeated_chars(3) == 0
+    assert ngrams(b"", b"").count_bound(1) == 0

@@ -786,7 +786,7 @@ done:
 /* -- n-grams of the words ---------------------------------------------------------------------- */
 /* An Ngrams object holds a document's word ids (equal ids = equal words) and lengths, and
    answers, for any n, the count and length of the most frequent n-gram, the characters covered
-   by repeated n-grams, and a cheap upper bound of count x length of the most frequent n-gram.
+   by repeated n-grams, and a cheap upper bound of how often any n-gram occurs.
    Exact counts need a hash table, and a branch per position that the predictor cannot guess;
    so first, without a branch, each bigram gets an upper bound of how often it occurs: the
    smaller of its two words' counts and the count of its bucket in a table of counters indexed
@@ -801,6 +801,7 @@ typedef struct {
     Py_ssize_t words;
     uint32_t *word_counts;    /* per word id; made on first use */
     uint32_t *bigram_bounds;  /* per position p < words - 1: at least the count of its bigram */
+    uint32_t top_word_count, top_bigram_bound; /* the largest of each */
 } NgramsObject;
 
 /* The distinct n-grams at the candidate positions, in order of first appearance. */
@@ -839,11 +840,17 @@ static int ensure_bounds(NgramsObject *g) {
 #define PAIR_BUCKET(p) \
     ((size_t)((((uint64_t)ids[p] << 32 | ids[(p) + 1]) * 0x9e3779b97f4a7c15ULL) >> shift))
     for (Py_ssize_t p = 0; p < pairs; p++) buckets[PAIR_BUCKET(p)]++;
+    uint32_t top_words = 0, top_bigrams = 0;
+    for (Py_ssize_t p = 0; p < words; p++) top_words = wc[ids[p]] > top_words ? wc[ids[p]] : top_words;
     for (Py_ssize_t p = 0; p < pairs; p++) {
         uint32_t bound = buckets[PAIR_BUCKET(p)], a = wc[ids[p]], b = wc[ids[p + 1]];
         bound = a < bound ? a : bound;
-        bounds[p] = b < bound ? b : bound;
+        bound = b < bound ? b : bound;
+        bounds[p] = bound;
+        top_bigrams = bound > top_bigrams ? bound : top_bigrams;
     }
+    g->top_word_count = top_words;
+    g->top_bigram_bound = top_bigrams;
 #undef PAIR_BUCKET
     PyMem_Free(buckets);
     g->word_counts = wc;
@@ -989,21 +996,14 @@ static PyObject *ngrams_top(NgramsObject *g, PyObject *arg) {
     return Py_BuildValue("nn", best_count, best_chars);
 }
 
-/* At least count x chars of every n-gram that occurs twice or more (0 when none can): the top
-   n-gram rule cannot fail when this is within its limit, and the exact count is not needed. */
-static PyObject *ngrams_top_bound(NgramsObject *g, PyObject *arg) {
+/* At least how often any n-gram occurs (n >= 2: the largest bigram bound; n = 1: the
+   largest word count): with n x the longest word, a bound of count x chars in O(1). */
+static PyObject *ngrams_count_bound(NgramsObject *g, PyObject *arg) {
     Py_ssize_t n;
     if (parse_n(arg, &n) < 0) return NULL;
     if (g->words < n) return PyLong_FromLong(0);
     if (ensure_bounds(g) < 0) return NULL;
-    uint64_t best = 0;
-    Py_ssize_t chars = ngram_chars(g, 0, n);
-    FOR_EACH_NGRAM_BOUND(g, n, p, bound, {
-        if (p > 0) chars += (Py_ssize_t)g->lengths[p + n - 1] - (Py_ssize_t)g->lengths[p - 1];
-        uint64_t product = bound >= 2 ? (uint64_t)bound * (uint64_t)chars : 0;
-        best = product > best ? product : best;
-    });
-    return PyLong_FromUnsignedLongLong(best);
+    return PyLong_FromUnsignedLong(n == 1 ? g->top_word_count : g->top_bigram_bound);
 }
 
 /* Characters of the words covered by an n-gram occurrence that repeats an earlier one. */
@@ -1034,8 +1034,8 @@ static void ngrams_dealloc(NgramsObject *g) {
 static PyMethodDef ngrams_methods[] = {
     {"top", (PyCFunction)ngrams_top, METH_O,
      "top(n) -> (count, chars) of the most frequent n-gram, the longest of equally frequent ones"},
-    {"top_bound", (PyCFunction)ngrams_top_bound, METH_O,
-     "top_bound(n) -> at least count x chars of every n-gram occurring twice or more"},
+    {"count_bound", (PyCFunction)ngrams_count_bound, METH_O,
+     "count_bound(n) -> at least how often any n-gram occurs"},
     {"repeated_chars", (PyCFunction)ngrams_repeated_chars, METH_O,
      "repeated_chars(n) -> characters of the words covered by repeated n-gram occurrences"},
     {NULL, NULL, 0, NULL},

@@ -432,6 +432,7 @@ def _check_ngrams_fast(s: ProseStats, c: FilterConfig) -> str | None:
     The rules pass or fail as in the reference; what differs is only what is skipped: an n
     whose upper bound of count x chars is within its limit cannot fail, so its exact count is
     not needed (x / word_chars only grows with x, so the bound's test implies the exact one's).
+    In prose the bound skips nearly every count.
     """
     if not c.max_top_ngram_chars and not c.max_dup_ngram_chars:
         return None
@@ -441,10 +442,11 @@ def _check_ngrams_fast(s: ProseStats, c: FilterConfig) -> str | None:
     for n, limit in sorted((c.max_top_ngram_chars or {}).items()):
         if n_words < n:
             continue
-        if top_count is not None and top_count * n * s.longest_word / word_chars <= limit:
-            continue  # the same bound as the reference: this n cannot exceed its limit
-        if grams.top_bound(n) / word_chars <= limit:
-            continue  # a bound of count x chars from the C side, without counting n-grams
+        # the reference's bound, with the count of the top shorter n-gram when known, else a
+        # bound of every n-gram's count that the C side has without counting n-grams
+        count = top_count if top_count is not None else grams.count_bound(n)
+        if count * n * s.longest_word / word_chars <= limit:
+            continue  # this n cannot exceed its limit
         top_count, chars = grams.top(n)
         if top_count > 1 and chars * top_count / word_chars > limit:
             return f"max_top_{n}gram_chars"
