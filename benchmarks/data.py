@@ -7,9 +7,9 @@ the Python standard library's source, and a BPE tokenizer trained on a slice of 
   throughput  `prepare_dataset` (--workers processes) end to end over --mb MB, against the
               tokenizer's own `encode_batch` (same workers) over the same texts already in
               memory: the ratio of MB/s (target >= 0.8), and the ratio of CPU seconds (self +
-              workers), which a loaded machine skews less. Run twice: filters and dedup off
-              (what the pipeline itself costs) and with the defaults (quality rules + exact
-              dedup), with how much the rules removed.
+              workers), which a loaded machine skews less. Two settings: filters and dedup off
+              (what the pipeline itself costs) and the defaults (quality rules + exact dedup).
+              --repeat rounds of (peer, off, defaults), interleaved; medians of the rounds.
   rules       the default prose quality rules alone, in this process, over the --mb MB of
               texts: CPU seconds per MB (time.process_time) of the readable Python reference
               and of the C fast path, and whether every decision is the same.
@@ -20,6 +20,7 @@ the Python standard library's source, and a BPE tokenizer trained on a slice of 
 
 Not a test: the machine is shared, so timings are noisy; run it twice.
 Usage: python benchmarks/data.py [--quick] [--only throughput,rules,minhash,memory] [--mb 50]
+       [--repeat 3]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -112,36 +114,63 @@ def _close_tokenizer_pool(tok) -> None:
     close_pool(tok)
 
 
-def bench_throughput(mb: int, workers: int, vocab: int) -> dict:
-    """Wall-clock MB/s side by side, plus CPU seconds per MB, which a loaded machine skews less."""
+def _timed(run) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process and its reaped children, result) of run()."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    result = run()
+    return time.perf_counter() - t0, _cpu_seconds() - c0, result
+
+
+def bench_throughput(mb: int, workers: int, vocab: int, repeat: int = 3) -> dict:
+    """Wall-clock MB/s side by side, plus CPU seconds per MB, which a loaded machine skews less.
+
+    `repeat` rounds, each timing the peer, then `prepare` without and with the filters, so that
+    a burst of load from elsewhere hits one round rather than one side; the ratios reported
+    are the medians of the rounds' ratios (and each round's are kept).
+    """
     from scratchlm.data.shards import prepare_dataset
 
     path = corpus(mb)
     tok = tokenizer(vocab)
     texts = read_texts(path)
     text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    t0, c0 = time.perf_counter(), _cpu_seconds()
-    tok.encode_batch(texts, workers=workers)
-    _close_tokenizer_pool(tok)  # its pool is persistent: reap the workers so their CPU counts
-    peer_s, peer_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    del texts
-    results = {"mb": round(text_mb, 1), "workers": workers, "vocab": vocab,
-               "encode_batch_mb_s": round(text_mb / peer_s, 3),
-               "encode_batch_cpu_s_per_mb": round(peer_cpu / text_mb, 3)}
-    for label, kwargs in (("plain", {"filters": "none", "dedup": "none"}),
-                          ("default", {"filters": "default", "dedup": "exact"})):
-        out = BENCH / f"out_{label}"
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        ds = prepare_dataset(path, tok, out, workers=workers, progress=False, force=True,
-                             **kwargs)
-        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        kept = ds.index["stats"]["kept"]["bytes"] / 1e6
-        results[label] = {"seconds": round(seconds, 2), "mb_s": round(text_mb / seconds, 3),
-                          "ratio_vs_encode_batch": round(peer_s / seconds, 3),
-                          "cpu_s_per_mb": round(cpu / text_mb, 3),
-                          "cpu_ratio_vs_encode_batch": round(peer_cpu / cpu, 3),
-                          "kept_mb": round(kept, 1),
+
+    def peer():
+        tok.encode_batch(texts, workers=workers)
+        _close_tokenizer_pool(tok)  # its pool is persistent: reap the workers so their CPU counts
+
+    sides = (("plain", {"filters": "none", "dedup": "none"}),
+             ("default", {"filters": "default", "dedup": "exact"}))
+    rounds = []
+    for _ in range(repeat):
+        peer_s, peer_cpu, _ = _timed(peer)
+        row = {"encode_batch": {"seconds": round(peer_s, 3), "cpu_s": round(peer_cpu, 3)}}
+        for label, kwargs in sides:
+            out = BENCH / f"out_{label}"
+            seconds, cpu, ds = _timed(lambda: prepare_dataset(
+                path, tok, out, workers=workers, progress=False, force=True, **kwargs))
+            row[label] = {"seconds": round(seconds, 3), "cpu_s": round(cpu, 3),
+                          "ratio": round(peer_s / seconds, 3), "cpu_ratio": round(peer_cpu / cpu, 3),
+                          "kept_mb": round(ds.index["stats"]["kept"]["bytes"] / 1e6, 1),
                           "tokens": sum(ds.num_tokens(s) for s in ("train", "val"))}
+        rounds.append(row)
+    peer_s = statistics.median(r["encode_batch"]["seconds"] for r in rounds)
+    peer_cpu = statistics.median(r["encode_batch"]["cpu_s"] for r in rounds)
+    results = {"mb": round(text_mb, 1), "workers": workers, "vocab": vocab, "repeat": repeat,
+               "encode_batch_mb_s": round(text_mb / peer_s, 3),
+               "encode_batch_cpu_s_per_mb": round(peer_cpu / text_mb, 4)}
+    for label, _ in sides:
+        mine = [r[label] for r in rounds]
+        seconds = statistics.median(m["seconds"] for m in mine)
+        results[label] = {
+            "mb_s": round(text_mb / seconds, 3),
+            "cpu_s_per_mb": round(statistics.median(m["cpu_s"] for m in mine) / text_mb, 4),
+            "ratio_vs_encode_batch": statistics.median(m["ratio"] for m in mine),
+            "cpu_ratio_vs_encode_batch": statistics.median(m["cpu_ratio"] for m in mine),
+            "round_ratios": [m["ratio"] for m in mine],
+            "round_cpu_ratios": [m["cpu_ratio"] for m in mine],
+            "kept_mb": mine[-1]["kept_mb"], "tokens": mine[-1]["tokens"]}
+    results["rounds"] = rounds
     return results
 
 
@@ -252,19 +281,23 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--repeat", type=int, default=3, help="throughput rounds (medians)")
     args = parser.parse_args()
     mb = args.mb or (5 if args.quick else 50)
     memory_mb = args.memory_mb or (50 if args.quick else 500)
-    report = {"machine": f"{os.cpu_count()} cores, {sys.platform}, python {sys.version.split()[0]}"}
+    report = {"machine": f"{os.cpu_count()} cores, {sys.platform}, python {sys.version.split()[0]}",
+              "load_average_at_start": os.getloadavg()}
     only = args.only.split(",")
     if "throughput" in only:
-        report["throughput"] = r = bench_throughput(mb, args.workers, args.vocab)
-        print(f"throughput  {r['mb']} MB, {args.workers} workers: encode_batch "
-              f"{r['encode_batch_mb_s']} MB/s; prepare (no filters/dedup) {r['plain']['mb_s']} "
-              f"MB/s = {r['plain']['ratio_vs_encode_batch']}x; prepare (defaults) "
-              f"{r['default']['mb_s']} MB/s = {r['default']['ratio_vs_encode_batch']}x "
-              f"(target >= 0.8x); by CPU time: {r['plain']['cpu_ratio_vs_encode_batch']}x / "
-              f"{r['default']['cpu_ratio_vs_encode_batch']}x", flush=True)
+        report["throughput"] = r = bench_throughput(mb, args.workers, args.vocab, args.repeat)
+        print(f"throughput  {r['mb']} MB, {args.workers} workers, medians of {args.repeat} "
+              f"rounds: encode_batch {r['encode_batch_mb_s']} MB/s; prepare (no filters/dedup) "
+              f"{r['plain']['mb_s']} MB/s = {r['plain']['ratio_vs_encode_batch']}x; prepare "
+              f"(defaults) {r['default']['mb_s']} MB/s = {r['default']['ratio_vs_encode_batch']}x "
+              f"(target >= 0.8x; rounds {r['default']['round_ratios']}); by CPU time: "
+              f"{r['plain']['cpu_ratio_vs_encode_batch']}x / "
+              f"{r['default']['cpu_ratio_vs_encode_batch']}x (rounds "
+              f"{r['default']['round_cpu_ratios']})", flush=True)
     if "rules" in only:
         report["rules"] = r = bench_rules(mb)
         print(f"rules       {r['mb']} MB, 1 process: reference {r['reference_cpu_s_per_mb']} "
@@ -279,6 +312,7 @@ def main() -> None:
         report["memory"] = r = bench_memory(memory_mb, args.workers, args.vocab)
         print(f"memory      {r['input_mb']} MB input: peak RSS {r['peak_rss_mb']} MB "
               f"(main + workers) in {r['seconds']} s (target < 1000 MB)", flush=True)
+    report["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
 
 
