@@ -50,10 +50,15 @@ static uint64_t mix64(uint64_t h) {
 /* Hash of raw bytes, 8 at a time: spans of one string share its kind, so bytes suffice. */
 static uint64_t hash_bytes(const unsigned char *p, size_t len) {
     uint64_t h = 0x9e3779b97f4a7c15ULL ^ (len * 0x100000001b3ULL), v;
-    for (; len >= 8; p += 8, len -= 8) {
-        memcpy(&v, p, 8);
-        h = (h ^ v) * 0x87c37b91114253d5ULL;
-        h ^= h >> 29;
+    if (len >= 8) {
+        const unsigned char *last = p + len - 8;
+        for (; p < last; p += 8) {
+            memcpy(&v, p, 8);
+            h = (h ^ v) * 0x87c37b91114253d5ULL;
+            h ^= h >> 29;
+        }
+        memcpy(&v, last, 8); /* the last 8 bytes, overlapping the previous ones */
+        return mix64(h ^ v);
     }
     v = 0;
     for (size_t k = 0; k < len; k++) v |= (uint64_t)p[k] << (8 * k); /* no memcpy call */
