@@ -71,19 +71,9 @@ static uint64_t hash_bytes(const unsigned char *p, size_t len) {
 #else
 #define FIRST_BYTES(len) (~0ULL >> (64 - 8 * (len)))
 #endif
-#define PADDING 16 /* bytes past the end of a scratch copy that whole 8-byte loads may touch */
-
-/* hash_bytes for 1 <= len bytes of a padded buffer: the last load is masked, no byte loop. */
-ALWAYS_INLINE uint64_t hash_padded(const unsigned char *p, size_t len) {
-    uint64_t h = 0x9e3779b97f4a7c15ULL ^ (len * 0x100000001b3ULL), v;
-    for (; len > 8; p += 8, len -= 8) {
-        memcpy(&v, p, 8);
-        h = (h ^ v) * 0x87c37b91114253d5ULL;
-        h ^= h >> 29;
-    }
-    memcpy(&v, p, 8);
-    return mix64(h ^ (v & FIRST_BYTES(len)));
-}
+/* Bytes past the end of a scratch copy ("padded buffer") that whole 8-byte loads may touch:
+   a span of it is read 8 bytes at a time and the last load masked, with no byte loop. */
+#define PADDING 16
 
 /* memcmp(a, b, len) == 0 for 1 <= len bytes of a padded buffer, inline. */
 ALWAYS_INLINE int equal_padded(const unsigned char *a, const unsigned char *b, size_t len) {
@@ -195,7 +185,7 @@ ALWAYS_INLINE int64_t spanset_id(SpanSet *t, const char *base, Py_ssize_t start,
    without loading the span of the earlier word, and whether it is new decides no branch:
    either the first slot probed holds it or is empty and takes it (conditional moves). Only a
    collision (rare: the table is kept sparse) takes the probing loop. The words are spans of
-   one padded buffer (see hash_padded). */
+   one padded buffer (see PADDING). */
 typedef struct {
     uint64_t key, head;
 } WordSlot;
@@ -203,12 +193,28 @@ typedef struct {
 typedef struct {
     WordSlot *slots;
     size_t mask;
+    int shift; /* 64 - log2(slots) */
     uint32_t used;
     const unsigned char *base;
     Py_ssize_t *starts, *lens; /* per id */
 } WordSet;
 
 #define WORD_KEY(hash, len) (((hash) >> 40 << 40) | ((uint64_t)((len) < 255 ? (len) : 255) << 32))
+
+/* The hash of a word of a padded buffer: multiply-shift of its first 8 bytes (one multiply;
+   the slot index is taken from the top bits, the good ones), the rest folded in 8 at a time. */
+ALWAYS_INLINE uint64_t word_hash(const unsigned char *p, size_t len) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    uint64_t h = (v & FIRST_BYTES(len < 8 ? len : 8)) * 0x9e3779b97f4a7c15ULL;
+    for (size_t done = 8; done < len; done += 8) {
+        memcpy(&v, p + done, 8);
+        v &= FIRST_BYTES(len - done < 8 ? len - done : 8);
+        h = (h ^ (h >> 29) ^ v) * 0xbf58476d1ce4e5b9ULL;
+    }
+    return h;
+}
+#define WORD_SLOT(t, h) ((size_t)((h) >> (t)->shift))
 
 static void wordset_free(WordSet *t) {
     PyMem_Free(t->slots);
@@ -237,8 +243,8 @@ static int wordset_alloc(WordSet *t, size_t size) {
     }
     for (uint32_t id = 0; id < t->used; id++) { /* rehash what a smaller table held */
         const unsigned char *span = t->base + t->starts[id];
-        uint64_t h = hash_padded(span, (size_t)t->lens[id]);
-        size_t j = (size_t)h & (size - 1);
+        uint64_t h = word_hash(span, (size_t)t->lens[id]);
+        size_t j = (size_t)(h >> (64 - __builtin_ctzll(size)));
         while (slots[j].key != 0) j = (j + 1) & (size - 1);
         slots[j].key = WORD_KEY(h, t->lens[id]) | (id + 1);
         slots[j].head = word_head(span, t->lens[id]);
@@ -246,6 +252,7 @@ static int wordset_alloc(WordSet *t, size_t size) {
     PyMem_Free(t->slots);
     t->slots = slots;
     t->mask = size - 1;
+    t->shift = 64 - __builtin_ctzll(size);
     return 0;
 }
 
@@ -273,9 +280,9 @@ ALWAYS_INLINE int64_t wordset_id(WordSet *t, Py_ssize_t start, Py_ssize_t len, i
     if (3 * ((size_t)t->used + 1) > 2 * (t->mask + 1) && wordset_alloc(t, 2 * (t->mask + 1)) < 0)
         return -1;
     const unsigned char *span = t->base + start;
-    uint64_t h = hash_padded(span, (size_t)len), key = WORD_KEY(h, len);
+    uint64_t h = word_hash(span, (size_t)len), key = WORD_KEY(h, len);
     uint64_t head = word_head(span, len);
-    size_t i = (size_t)h & t->mask;
+    size_t i = WORD_SLOT(t, h);
     WordSlot slot = t->slots[i];
     uint32_t new_id = t->used;
     int empty = slot.key == 0;
@@ -305,9 +312,9 @@ ALWAYS_INLINE int64_t wordset_id(WordSet *t, Py_ssize_t start, Py_ssize_t len, i
 
 /* Whether the set holds the word `word` (len bytes, zero padded). */
 static int wordset_contains(const WordSet *t, const unsigned char *word, Py_ssize_t len) {
-    uint64_t h = hash_padded(word, (size_t)len), key = WORD_KEY(h, len);
+    uint64_t h = word_hash(word, (size_t)len), key = WORD_KEY(h, len);
     uint64_t head = word_head(word, len);
-    for (size_t i = (size_t)h & t->mask; t->slots[i].key != 0; i = (i + 1) & t->mask)
+    for (size_t i = WORD_SLOT(t, h); t->slots[i].key != 0; i = (i + 1) & t->mask)
         if (wordset_holds(t, t->slots[i], key, head, word, len)) return 1;
     return 0;
 }
@@ -395,7 +402,7 @@ static void sink_finish(WordSink *sink) {
 }
 
 /* The word data[start:start+len] (characters of the given kind; PADDED: of a padded ASCII
-   scratch copy, see hash_padded). */
+   scratch copy, see PADDING). */
 ALWAYS_INLINE int add_word_of(const int KIND, const int PADDED, WordSink *sink, const void *data,
                               Py_ssize_t start, Py_ssize_t len) {
     Words *w = sink->w;
