@@ -142,7 +142,7 @@ def main() -> None:
                 same = "identical tokens"
             else:  # rounding differs between implementations; report how much output agrees
                 agree = sum(a == b for x, y in zip(out_ours, out_hf) for a, b in zip(x, y))
-                same = f"{agree / (batch * args.new_tokens):.0%} tokens agree"
+                same = f"{agree / (batch * args.new_tokens):.0%} tokens agree; {precision_note(model)}"
             n = batch * args.new_tokens
             report(f"{dtype_name} batch {batch}: transformers", n / t_hf, 1.0, f"{n / cpu_hf:.1f} tokens/CPU-s")
             report(f"{dtype_name} batch {batch}: scratchlm", n / t_ours, t_hf / t_ours,
@@ -175,6 +175,16 @@ def build_line(model) -> str:
     step = fused_step_for(model)
     return (f"decode step: {type(step).__name__} (C kernels {'loaded' if compiled else 'not used'} in "
             f"{compile_s:.2f} s; step built in {time.perf_counter() - start - compile_s:.2f} s)")
+
+
+def precision_note(model) -> str:
+    """What our lower-precision row computes in: the C kernels widen bf16 weights to fp32 and
+    keep fp32 activations and cache; the torch paths compute in bf16 like transformers."""
+    from scratchlm.infer.fast_decode import NativeDecodeStep, fused_step_for
+
+    if isinstance(fused_step_for(model), NativeDecodeStep):
+        return "ours: bf16 weights, fp32 activations"
+    return "ours: bf16 weights and activations"
 
 
 def report(name: str, tokens_per_s: float, ratio: float, note: str) -> None:

@@ -48,6 +48,18 @@ def test_linear_equals_f_linear(M, K, N):
                                residual + F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("M", [1, 5, 8, 9])
+def test_bf16_weights_linear_equals_f_linear_on_the_same_values(M):
+    torch.manual_seed(M)
+    x, w, b = torch.randn(M, 40), torch.randn(70, 40).bfloat16(), torch.randn(70)
+    packed = native.huge_page_buffer(native.packed_numel(70, 40), torch.bfloat16)
+    native.pack_weight(w, packed)
+    out = torch.zeros(M, 70)
+    native.library().linear_packed_bf16(x.data_ptr(), M, 40, packed.data_ptr(), 70, b.data_ptr(),
+                                        out.data_ptr(), 70, 0)
+    torch.testing.assert_close(out, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5)
+
+
 def test_linear_row_results_do_not_depend_on_the_batch():
     torch.manual_seed(0)
     x, w = torch.randn(13, 96), torch.randn(50, 96)
@@ -138,6 +150,25 @@ def tiny_llama() -> Transformer:
     torch.manual_seed(5)
     config = model_config("llama-tiny", vocab_size=64, max_seq_len=32, init_std=0.3, dropout=0.0)
     return Transformer(config).eval()
+
+
+def test_bf16_model_step_equals_fp32_compute_on_its_weights():
+    """A bf16 model decodes with bf16 weights and fp32 activations: the same numbers as the fp32
+    model holding exactly those weights, given the same cache."""
+    import copy
+
+    model16 = tiny_llama().to(torch.bfloat16)
+    model32 = copy.deepcopy(model16).float()
+    step = fused_step_for(model16)
+    assert isinstance(step, NativeDecodeStep) and step.packed.buffer.dtype == torch.bfloat16
+    with torch.inference_mode():
+        ours, theirs = new_kv_cache(model32, 2, 16), new_kv_cache(model32, 2, 16)
+        prompt = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+        model32(prompt, kv_cache=ours)
+        model32(prompt, kv_cache=theirs)
+        for token in ([7, 8], [2, 0], [63, 1]):
+            nxt = torch.tensor(token).unsqueeze(1)
+            torch.testing.assert_close(step(nxt, ours), model32(nxt, kv_cache=theirs)[:, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_step_refuses_a_full_cache_and_a_batch_larger_than_the_cache():

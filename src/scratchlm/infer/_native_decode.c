@@ -14,7 +14,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#define VERSION 3
+#define VERSION 4
 
 /* 16 floats (one AVX-512 register where available; the compiler splits it elsewhere), loaded
  * from any 4-byte-aligned address. */
@@ -88,17 +88,32 @@ int advise_huge_pages(void *p, int64_t bytes) {
 /* Weights are packed in panels of PANEL output columns: panel p holds w[p*PANEL:(p+1)*PANEL, :]
  * transposed, [K, PANEL] contiguous (zero-padded past N), so a pass over one panel reads one
  * sequential stream and each step of k is two vector loads broadcast-multiplied by x[m, k]. No
- * horizontal sums; every output is one sequential sum over k whatever the number of rows. */
+ * horizontal sums; every output is one sequential sum over k whatever the number of rows.
+ * Packed weights are fp32, or bf16 (raw 16-bit patterns) widened exactly to fp32 on load, which
+ * halves the bytes read per token; activations and sums are fp32 either way. */
 #define PANEL 32
 
+/* 16 bf16 bit patterns, loaded from any 2-byte-aligned address. */
+typedef uint16_t h16 __attribute__((vector_size(32), aligned(2), may_alias));
+
+/* Weights i..i+15 of a packed panel as fp32 (`bf16` is a compile-time constant at every use). */
+static inline __attribute__((always_inline)) v16 load_weights(const void *wp, int64_t i, int bf16) {
+    if (bf16) {
+        i16 widened = __builtin_convertvector(*(const h16 *)((const uint16_t *)wp + i), i16);
+        return (v16)(widened << 16); /* a bf16 is the top half of the fp32 with the same value */
+    }
+    return *(const v16 *)((const float *)wp + i);
+}
+
 static inline __attribute__((always_inline)) void panel_rows(const float *x, int MR, int64_t K,
-                                                             const float *wp, const float *bias,
-                                                             float *y, int64_t ldy, int64_t col,
-                                                             int64_t N, int accumulate) {
+                                                             const void *wp, int bf16,
+                                                             const float *bias, float *y,
+                                                             int64_t ldy, int64_t col, int64_t N,
+                                                             int accumulate) {
     v16 a0[8], a1[8];
     for (int m = 0; m < MR; m++) a0[m] = a1[m] = (v16){0};
     for (int64_t k = 0; k < K; k++) {
-        v16 w0 = *(const v16 *)(wp + k * PANEL), w1 = *(const v16 *)(wp + k * PANEL + 16);
+        v16 w0 = load_weights(wp, k * PANEL, bf16), w1 = load_weights(wp, k * PANEL + 16, bf16);
         for (int m = 0; m < MR; m++) {
             float xs = x[m * K + k];
             a0[m] += w0 * xs;
@@ -116,10 +131,18 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
     }
 }
 
+typedef void (*panel_rows_fn)(const float *, int64_t, const void *, const float *, float *,
+                              int64_t, int64_t, int64_t, int);
+
 #define DEFINE_PANEL_ROWS(MR)                                                                     \
-    static void panel_rows_##MR(const float *x, int64_t K, const float *wp, const float *bias,   \
+    static void panel_rows_##MR(const float *x, int64_t K, const void *wp, const float *bias,    \
                                 float *y, int64_t ldy, int64_t col, int64_t N, int acc) {         \
-        panel_rows(x, MR, K, wp, bias, y, ldy, col, N, acc);                                      \
+        panel_rows(x, MR, K, wp, 0, bias, y, ldy, col, N, acc);                                   \
+    }                                                                                             \
+    static void panel_rows_bf16_##MR(const float *x, int64_t K, const void *wp,                  \
+                                     const float *bias, float *y, int64_t ldy, int64_t col,       \
+                                     int64_t N, int acc) {                                        \
+        panel_rows(x, MR, K, wp, 1, bias, y, ldy, col, N, acc);                                   \
     }
 DEFINE_PANEL_ROWS(1)
 DEFINE_PANEL_ROWS(2)
@@ -130,26 +153,39 @@ DEFINE_PANEL_ROWS(6)
 DEFINE_PANEL_ROWS(7)
 DEFINE_PANEL_ROWS(8)
 
-typedef void (*panel_rows_fn)(const float *, int64_t, const float *, const float *, float *,
-                              int64_t, int64_t, int64_t, int);
 static const panel_rows_fn PANEL_ROWS[9] = {0, panel_rows_1, panel_rows_2, panel_rows_3,
                                             panel_rows_4, panel_rows_5, panel_rows_6,
                                             panel_rows_7, panel_rows_8};
+static const panel_rows_fn PANEL_ROWS_BF16[9] = {
+    0, panel_rows_bf16_1, panel_rows_bf16_2, panel_rows_bf16_3, panel_rows_bf16_4,
+    panel_rows_bf16_5, panel_rows_bf16_6, panel_rows_bf16_7, panel_rows_bf16_8};
 
 int panel_width(void) { return PANEL; }
+
+static void linear_packed(const panel_rows_fn *kernels, int64_t element_size, const float *x,
+                          int64_t M, int64_t K, const void *wp, int64_t N, const float *bias,
+                          float *y, int64_t ldy, int accumulate) {
+    int64_t panels = (N + PANEL - 1) / PANEL;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        int rows = M - m0 < 8 ? (int)(M - m0) : 8;
+        for (int64_t p = 0; p < panels; p++)
+            kernels[rows](x + m0 * K, K, (const char *)wp + p * K * PANEL * element_size, bias,
+                          y + m0 * ldy, ldy, p * PANEL, N, accumulate);
+    }
+}
 
 /* y [M, N] = x [M, K] @ w^T (+ bias [N]) with w packed in panels (see above), or y += that
  * when `accumulate` (a residual connection); output row m starts at y + m * ldy. Rows go 8 at a
  * time: the weights are read from memory once per 8 rows. */
 void linear_packed_f32(const float *x, int64_t M, int64_t K, const float *wp, int64_t N,
                        const float *bias, float *y, int64_t ldy, int accumulate) {
-    int64_t panels = (N + PANEL - 1) / PANEL;
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        int rows = M - m0 < 8 ? (int)(M - m0) : 8;
-        for (int64_t p = 0; p < panels; p++)
-            PANEL_ROWS[rows](x + m0 * K, K, wp + p * K * PANEL, bias, y + m0 * ldy, ldy,
-                             p * PANEL, N, accumulate);
-    }
+    linear_packed(PANEL_ROWS, sizeof(float), x, M, K, wp, N, bias, y, ldy, accumulate);
+}
+
+/* The same with bf16 packed weights (fp32 x, bias, y and sums). */
+void linear_packed_bf16(const float *x, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
+                        const float *bias, float *y, int64_t ldy, int accumulate) {
+    linear_packed(PANEL_ROWS_BF16, sizeof(uint16_t), x, M, K, wp, N, bias, y, ldy, accumulate);
 }
 
 /* y [M, K] = weight * (x / sqrt(mean(x^2) + eps)), as the model's RMSNorm computes it in fp32. */

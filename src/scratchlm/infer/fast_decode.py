@@ -79,15 +79,9 @@ def _source_linears(model) -> list[nn.Module]:
 
 
 def weight_signature(model) -> tuple:
-    """Identity and version of every source weight: changes when any is replaced or updated."""
-    sig = []
-    tensors = [model.tok_embeddings.weight]  # the native step reads the embedding table directly
-    for linear in _source_linears(model):
-        tensors += [linear.weight, linear.bias]
-    for p in tensors:
-        if p is not None:
-            sig.append((p.data_ptr(), p._version, p.dtype, p.device))
-    return tuple(sig)
+    """Identity and version of every parameter: changes when any is replaced or updated (the
+    steps keep copies of projections, and the native step of bf16 norm weights too)."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
 
 
 def _transposed(*weights: torch.Tensor) -> torch.Tensor:
@@ -198,17 +192,29 @@ class FusedDecodeStep:
 # ---- the native step: C kernels over packed weights ---------------------------------------------
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def supports_native(model) -> bool:
-    """True where the C kernels can run the whole step: fp32 CPU weights, no QK-norm, and the
-    library built (see `scratchlm.infer.native`)."""
+    """True where the C kernels can run the whole step: CPU weights all fp32 or all bf16 (bf16
+    with RMSNorm only), no QK-norm, and the library built (see `scratchlm.infer.native`)."""
     from scratchlm.infer import native
 
     if not supports(model) or native.library() is None:
         return False
     if any(block.attn.q_norm is not None for block in model.layers):
         return False
+    dtype = model.lm_head.weight.dtype
     tensors = [lin.weight for lin in _source_linears(model)] + [model.tok_embeddings.weight]
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    if dtype not in NATIVE_DTYPES or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
+        return False
+    norms = [model.norm] + [n for block in model.layers for n in (block.attn_norm, block.mlp_norm)]
+    return dtype == torch.float32 or all(isinstance(n, RMSNorm) for n in norms)
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An fp32 contiguous view of `t` when it is one already (so in-place updates show), else a copy."""
+    return None if t is None else t.detach().float().contiguous()
 
 
 def _weight_groups(model) -> list[tuple[nn.Linear, ...]]:
@@ -232,7 +238,8 @@ class PackedWeights:
 
         groups = _weight_groups(model)
         shapes = [(sum(lin.out_features for lin in g), g[0].in_features) for g in groups]
-        self.buffer = native.huge_page_buffer(sum(native.packed_numel(*shape) for shape in shapes))
+        self.dtype = model.lm_head.weight.dtype  # fp32 or bf16, as the model's weights
+        self.buffer = native.huge_page_buffer(sum(native.packed_numel(*shape) for shape in shapes), self.dtype)
         self.matrices: dict[tuple[int, ...], torch.Tensor] = {}
         used = 0
         with torch.no_grad():
@@ -276,9 +283,11 @@ class NativeLayer:
         self.qkv = packed.get(attn.q_proj, attn.k_proj, attn.v_proj)
         self.o, self.inp, self.down = packed.get(attn.o_proj), packed.get(*ins), packed.get(mlp.down_proj)
         with torch.no_grad():
-            self.qkv_b = _joined_bias(attn.q_proj, attn.k_proj, attn.v_proj)
-            self.o_b, self.inp_b = _joined_bias(attn.o_proj), _joined_bias(*ins)
-            self.down_b = _joined_bias(mlp.down_proj)
+            self.qkv_b = _fp32(_joined_bias(attn.q_proj, attn.k_proj, attn.v_proj))
+            self.o_b, self.inp_b = _fp32(_joined_bias(attn.o_proj)), _fp32(_joined_bias(*ins))
+            self.down_b = _fp32(_joined_bias(mlp.down_proj))
+        self.attn_norm_w, self.mlp_norm_w = _norm_weight(block.attn_norm), _norm_weight(block.mlp_norm)
+        self.bf16 = packed.dtype == torch.bfloat16
         self.attn_norm, self.mlp_norm = block.attn_norm, block.mlp_norm
         self.layer_idx = attn.layer_idx
         self.n_head, self.n_kv_head, self.head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
@@ -293,8 +302,9 @@ class NativeLayer:
         width = (H + 2 * Hkv) * D
         keys, values = kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx]
         S, pos = kv_cache.max_len, kv_cache.length
-        _norm(lib, self.attn_norm, ws, B)
-        lib.linear_packed_f32(ws.normed_p, B, d, self.qkv.data_ptr(), width, _ptr(self.qkv_b),
+        linear = lib.linear_packed_bf16 if self.bf16 else lib.linear_packed_f32
+        _norm(lib, self.attn_norm, self.attn_norm_w, ws, B)
+        linear(ws.normed_p, B, d, self.qkv.data_ptr(), width, _ptr(self.qkv_b),
                               ws.qkv_p, width, 0)
         cos_p, sin_p, positions_p = rope
         lib.qkv_to_cache_f32(ws.qkv_p, B, H, Hkv, D, cos_p, sin_p, positions_p, ws.q_p,
@@ -303,12 +313,12 @@ class NativeLayer:
         lib.attend_decode_f32(ws.q_p, keys.data_ptr(), values.data_ptr(), B, H, Hkv, D, S, pos + 1,
                               mask_p, mask_stride, D ** -0.5, ws.attn_p, ws.scores_p)
         # the residual connections are folded into the output projections (accumulate=1)
-        lib.linear_packed_f32(ws.attn_p, B, H * D, self.o.data_ptr(), d, _ptr(self.o_b), ws.x_p, d, 1)
-        _norm(lib, self.mlp_norm, ws, B)
-        lib.linear_packed_f32(ws.normed_p, B, d, self.inp.data_ptr(), self.d_in, _ptr(self.inp_b),
+        linear(ws.attn_p, B, H * D, self.o.data_ptr(), d, _ptr(self.o_b), ws.x_p, d, 1)
+        _norm(lib, self.mlp_norm, self.mlp_norm_w, ws, B)
+        linear(ws.normed_p, B, d, self.inp.data_ptr(), self.d_in, _ptr(self.inp_b),
                               ws.hidden_p, self.d_in, 0)
         self._activate(lib, ws, B)
-        lib.linear_packed_f32(ws.act_p, B, self.d_ff, self.down.data_ptr(), d, _ptr(self.down_b),
+        linear(ws.act_p, B, self.d_ff, self.down.data_ptr(), d, _ptr(self.down_b),
                               ws.x_p, d, 1)
 
     def _activate(self, lib, ws: Workspace, B: int) -> None:
@@ -329,10 +339,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _norm(lib, norm: nn.Module, ws: Workspace, B: int) -> None:
+def _norm_weight(norm: nn.Module) -> torch.Tensor | None:
+    """An RMSNorm's weight as fp32 for the C kernel (None: the norm runs through torch)."""
+    return _fp32(norm.weight) if isinstance(norm, RMSNorm) else None
+
+
+def _norm(lib, norm: nn.Module, weight32: torch.Tensor | None, ws: Workspace, B: int) -> None:
     """ws.normed[:B] = norm(ws.x[:B]): RMSNorm in C, anything else (LayerNorm) through torch."""
-    if isinstance(norm, RMSNorm):
-        lib.rmsnorm_f32(ws.x_p, B, ws.x.shape[1], norm.weight.data_ptr(), norm.eps, ws.normed_p)
+    if weight32 is not None:
+        lib.rmsnorm_f32(ws.x_p, B, ws.x.shape[1], weight32.data_ptr(), norm.eps, ws.normed_p)
     else:
         ws.normed[:B] = norm(ws.x[:B])
 
@@ -359,12 +374,13 @@ class NativeDecodeStep:
         self.layers = [NativeLayer(block, self.packed) for block in model.layers]
         self.head = self.packed.get(model.lm_head)
         with torch.no_grad():
-            self.head_b = _joined_bias(model.lm_head)
+            self.head_b = _fp32(_joined_bias(model.lm_head))
         cfg = model.config
-        self.final_norm = model.norm
+        self.final_norm, self.final_norm_w = model.norm, _norm_weight(model.norm)
         self.vocab_size, self.d_model = model.lm_head.out_features, cfg.d_model
         self.rope = cfg.positions == "rope"
-        self.plain_embedding = cfg.positions not in ("learned", "sinusoidal") and not cfg.scale_embeddings
+        self.plain_embedding = (cfg.positions not in ("learned", "sinusoidal") and not cfg.scale_embeddings
+                                and model.tok_embeddings.weight.dtype == torch.float32)
         self.embedding = model.tok_embeddings.weight.detach().contiguous()
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.workspace: Workspace | None = None
@@ -386,9 +402,10 @@ class NativeDecodeStep:
         for layer in self.layers:
             layer(lib, ws, B, rope, mask_p, kv_cache)
         kv_cache.advance(1)
-        _norm(lib, self.final_norm, ws, B)
+        _norm(lib, self.final_norm, self.final_norm_w, ws, B)
         logits = torch.empty(B, self.vocab_size, dtype=torch.float32)
-        lib.linear_packed_f32(ws.normed_p, B, self.d_model, self.head.data_ptr(), self.vocab_size,
+        linear = lib.linear_packed_bf16 if self.packed.dtype == torch.bfloat16 else lib.linear_packed_f32
+        linear(ws.normed_p, B, self.d_model, self.head.data_ptr(), self.vocab_size,
                               _ptr(self.head_b), logits.data_ptr(), self.vocab_size, 0)
         return logits
 

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from scratchlm.errors import UserError
-from scratchlm.infer.fast_decode import fused_step_for
+from scratchlm.infer.fast_decode import fused_step_for, supports_native
 from scratchlm.infer.sampling import GREEDY, Sampler, SamplingParams
 
 OVERFLOW_CHOICES = ("error", "truncate")
@@ -88,11 +88,12 @@ def activation_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def new_kv_cache(model, batch_size: int, max_len: int):
-    """A preallocated cache for `batch_size` rows of up to `max_len` tokens, in the model's dtype."""
+def new_kv_cache(model, batch_size: int, max_len: int, dtype: torch.dtype | None = None):
+    """A preallocated cache for `batch_size` rows of up to `max_len` tokens, in `dtype` (default:
+    the model's activation dtype)."""
     from scratchlm.model.kv_cache import KVCache
 
-    return KVCache.for_config(model.config, batch_size, max_len, dtype=activation_dtype(model),
+    return KVCache.for_config(model.config, batch_size, max_len, dtype=dtype or activation_dtype(model),
                               device=model_device(model))
 
 
@@ -175,11 +176,14 @@ class BatchDecoder:
         self.ids, self.pad = left_pad(prompts, pad_id, self.device)  # [B, T0]
         self.any_pad = bool((self.pad > 0).any())
         self.active = torch.arange(len(prompts), device=self.device)  # batch row -> original row
-        self.cache = new_kv_cache(model, len(prompts), self.ids.shape[1] + max_new_tokens) if use_cache else None
         # Decode steps through fast_decode's step where the model allows (same numbers up to
-        # matmul rounding order, less CPU per token); built on the first decode step.
+        # matmul rounding order, less CPU per token); built on the first decode step. Its C
+        # kernels keep the cache in fp32 (a bf16 model's prefill stores its keys exactly there).
         self.fused = use_cache and fused
         self.fused_step = None
+        cache_dtype = torch.float32 if self.fused and supports_native(model) else None
+        self.cache = (new_kv_cache(model, len(prompts), self.ids.shape[1] + max_new_tokens, cache_dtype)
+                      if use_cache else None)
         self.next_input: torch.Tensor | None = None  # [B, 1] token fed at the next step
         self.steps = 0
         if max_new_tokens == 0:

@@ -27,7 +27,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("_native_decode.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
-VERSION = 3  # the VERSION of _native_decode.c this module's bindings expect
+VERSION = 4  # the VERSION of _native_decode.c this module's bindings expect
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -35,6 +35,7 @@ _SIGNATURES = {
     "advise_huge_pages": ([_P, _I], ctypes.c_int),
     "panel_width": ([], ctypes.c_int),
     "linear_packed_f32": ([_P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int], None),
+    "linear_packed_bf16": ([_P, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int], None),
     "rmsnorm_f32": ([_P, _I, _I, _P, ctypes.c_float, _P], None),
     "qkv_to_cache_f32": ([_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I], None),
     "embed_rows_f32": ([_P, _I, _P, _I, _I, _P], ctypes.c_int64),
@@ -121,8 +122,8 @@ def packed_numel(n: int, k: int) -> int:
 
 def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """An `nn.Linear` weight [N, K] as the kernels read it: panels of `panel_width()` output
-    columns, each [K, panel] contiguous, zero-padded past N. A copy (into `out`, a flat fp32
-    tensor of `packed_numel` floats, when given); the source is untouched."""
+    columns, each [K, panel] contiguous, zero-padded past N. A copy (fp32, or into `out`, a flat
+    fp32 or bf16 tensor of `packed_numel` elements); the source is untouched."""
     panel = panel_width()
     n, k = weight.shape
     padded = torch.zeros(-(-n // panel) * panel, k, dtype=torch.float32)
@@ -135,12 +136,12 @@ def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     return packed
 
 
-def huge_page_buffer(numel: int) -> torch.Tensor:
-    """A flat fp32 tensor whose memory the kernel is asked to back with 2 MiB pages (where the
-    OS offers it: Linux transparent huge pages in "madvise" or "always" mode). Fill it after this
+def huge_page_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A flat tensor whose memory the kernel is asked to back with 2 MiB pages (where the OS
+    offers it: Linux transparent huge pages in "madvise" or "always" mode). Fill it after this
     call: only pages not yet touched can become huge pages."""
-    buffer = torch.empty(numel, dtype=torch.float32)
-    library().advise_huge_pages(buffer.data_ptr(), numel * 4)
+    buffer = torch.empty(numel, dtype=dtype)
+    library().advise_huge_pages(buffer.data_ptr(), numel * buffer.element_size())
     return buffer
 
 
