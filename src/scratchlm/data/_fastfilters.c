@@ -847,13 +847,15 @@ static int ensure_bounds(NgramsObject *g) {
         PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t p = 0; p < words; p++) wc[ids[p]]++;
+    uint32_t top_words = 0, top_bigrams = 0;
+    for (Py_ssize_t p = 0; p < words; p++) {
+        uint32_t count = ++wc[ids[p]];
+        top_words = count > top_words ? count : top_words;
+    }
     /* multiply-shift hashing of the pair: the top bits of a product */
 #define PAIR_BUCKET(p) \
     ((size_t)((((uint64_t)ids[p] << 32 | ids[(p) + 1]) * 0x9e3779b97f4a7c15ULL) >> shift))
     for (Py_ssize_t p = 0; p < pairs; p++) buckets[PAIR_BUCKET(p)]++;
-    uint32_t top_words = 0, top_bigrams = 0;
-    for (Py_ssize_t p = 0; p < words; p++) top_words = wc[ids[p]] > top_words ? wc[ids[p]] : top_words;
     for (Py_ssize_t p = 0; p < pairs; p++) {
         uint32_t bound = buckets[PAIR_BUCKET(p)], a = wc[ids[p]], b = wc[ids[p + 1]];
         bound = a < bound ? a : bound;
