@@ -1,6 +1,6 @@
 """`scratchlm quantize` and `scratchlm serve`: thin CLI verbs over the deployment modules.
 
-    scratchlm quantize --model RUN --bits 8|4 [--group-size G] [--method rtn|gptq]
+    scratchlm quantize --model RUN --bits 8|4 [--group-size G] [--method rtn|gptq|awq]
                        [--calibration DATASET_DIR] [--embed-bits ...] [--head-bits ...]
                        [--tune-steps N] --out RUN2
     scratchlm serve --model RUN [--host 127.0.0.1] [--port 8000] [--api-key KEY]
@@ -16,15 +16,15 @@ import sys
 
 def register(subparsers) -> None:
     q = subparsers.add_parser(
-        "quantize", help="quantize a run's weights to INT8 / INT4 (round-to-nearest or GPTQ)",
+        "quantize", help="quantize a run's weights to INT8 / INT4 (round-to-nearest, GPTQ or AWQ)",
         description="Write a quantized copy of a run dir: INT8 per output channel or INT4 per group, "
-        "round-to-nearest or GPTQ calibrated on a dataset dir. Load it like any run.")
+        "round-to-nearest, or GPTQ / AWQ calibrated on a dataset dir. Load it like any run.")
     q.add_argument("--model", required=True, metavar="RUN", help="run dir to quantize")
     q.add_argument("--out", required=True, metavar="RUN2", help="new run dir to write")
     q.add_argument("--bits", type=int, choices=[8, 4], default=8)
     q.add_argument("--group-size", type=int, default=64, metavar="G", help="INT4 group size (32, 64, 128; default 64)")
-    q.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
-    q.add_argument("--calibration", metavar="DATASET_DIR", help="dataset dir of calibration text (GPTQ)")
+    q.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
+    q.add_argument("--calibration", metavar="DATASET_DIR", help="dataset dir of calibration text (GPTQ, AWQ, --tune-steps)")
     q.add_argument("--calibration-windows", type=int, default=128, metavar="N")
     q.add_argument("--calibration-seq-len", type=int, default=256, metavar="T")
     q.add_argument("--embed-bits", choices=["same", "8", "4", "none"], default="same",

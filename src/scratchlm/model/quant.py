@@ -1,4 +1,4 @@
-"""Weight-only quantization of a trained model: INT8 per channel, INT4 per group, RTN or GPTQ.
+"""Weight-only quantization of a trained model: INT8 per channel, INT4 per group, RTN/GPTQ/AWQ.
 
 What it is for: making a model small. Every `nn.Linear` (and, separately, the token embedding
 and the output head) is swapped from outside for a module that stores integer codes plus scales
@@ -13,7 +13,13 @@ and dequantizes on the fly in `forward`:
   layer is calibrated on the outputs of the already-quantized layers before it. GPTQ also
   searches each INT4 group's clipping range (the [min, max] the 16 levels span) for the least
   error, weighted as GPTQ weighs it, and quantizes the embedding with the least-squares clip.
-- Optionally (`tune_steps > 0`, on top of either method): the integer codes stay as they are and
+- AWQ (`method="awq"`, Lin et al., 2023): before round-to-nearest, the input channels of the
+  projections that read one activation are scaled by `s = mean|x|^alpha` (alpha searched per group
+  on calibration activations for the least output error) and the inverse scale is folded into what
+  produces that activation (the RMSNorm/LayerNorm weight before q/k/v, gate/up and the head; the
+  up projection's rows before a SwiGLU down projection; v's rows before o when every query head
+  has its own kv head), so channels with large activations get finer steps at no storage cost.
+- Optionally (`tune_steps > 0`, on top of any method): the integer codes stay as they are and
   the per-group scales and offsets are tuned by gradient descent so that the quantized model's
   next-token distribution on the calibration windows matches the float model's (KL divergence).
   Layer-by-layer GPTQ cannot see how errors add up through the network and the softmax; this
@@ -43,7 +49,7 @@ from scratchlm.errors import UserError
 
 FORMAT = "scratchlm-quant-v1"
 SUPPORTED_BITS = (4, 8)
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 EMBEDDING_NAME = "tok_embeddings"
 HEAD_NAME = "lm_head"
 
@@ -124,22 +130,36 @@ def search_group_params(
     w = w.float()
     importance = torch.ones_like(w) if importance is None else importance.float().expand_as(w)
     lo, hi = w.amin(dim=1), w.amax(dim=1)
+    if bits == 8:
+        cuts = torch.tensor([(0.0, b) for b in CLIP_FRACTIONS])
+        lo = -w.abs().amax(dim=1)
+        hi = -lo
+    else:
+        cuts = torch.tensor([(a, b) for a in CLIP_FRACTIONS for b in CLIP_FRACTIONS])
     span = hi - lo
     best_err = torch.full_like(lo, math.inf)
     best_scale, best_offset = torch.ones_like(lo), None if bits == 8 else torch.zeros_like(lo)
-    candidates = [(a, b) for a in CLIP_FRACTIONS for b in CLIP_FRACTIONS] if bits == 4 else [(0.0, b) for b in CLIP_FRACTIONS]
-    for cut_lo, cut_hi in candidates:
+    # candidates in chunks, each scored for all rows at once (memory: about 2^24 floats a chunk)
+    per_chunk = max(1, (1 << 24) // max(1, w.numel()))
+    for first in range(0, len(cuts), per_chunk):
+        chunk = cuts[first : first + per_chunk].to(w.device)
         if bits == 8:
-            peak = w.abs().amax(dim=1) * (1 - cut_hi)
-            scale, offset = group_params(torch.stack((-peak, peak), dim=1), bits)
+            peak = hi[None, :] * (1 - chunk[:, 1:2])  # [C, rows]
+            ranges = torch.stack((-peak, peak), dim=-1)
         else:
-            scale, offset = group_params(torch.stack((lo + cut_lo * span, hi - cut_hi * span), dim=1), bits)
-        err = (importance * (dequantize_codes(quantize_codes(w, scale, offset, bits), scale, offset) - w) ** 2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
+            ranges = torch.stack((lo + chunk[:, 0:1] * span, hi - chunk[:, 1:2] * span), dim=-1)
+        n = chunk.shape[0]
+        scale, offset = group_params(ranges.reshape(-1, 2), bits)
+        wide = w.repeat(n, 1)  # [C * rows, group]
+        deq = dequantize_codes(quantize_codes(wide, scale, offset, bits), scale, offset)
+        err = (importance.repeat(n, 1) * (deq - wide) ** 2).sum(dim=1).reshape(n, -1)
+        chunk_err, pick = err.min(dim=0)
+        better = chunk_err < best_err
+        rows = torch.arange(w.shape[0], device=w.device)
+        best_err = torch.where(better, chunk_err, best_err)
+        best_scale = torch.where(better, scale.reshape(n, -1)[pick, rows], best_scale)
         if offset is not None:
-            best_offset = torch.where(better, offset, best_offset)
+            best_offset = torch.where(better, offset.reshape(n, -1)[pick, rows], best_offset)
     return best_scale, best_offset
 
 
@@ -430,8 +450,8 @@ def quantize_model(
         raise UserError("--bits: expected 8 or 4")
     embed_bits = _resolve_bits(embed_bits, bits, "--embed-bits")
     head_bits = _resolve_bits(head_bits, bits, "--head-bits")
-    if method == "gptq" and calibration is None:
-        raise UserError("GPTQ needs calibration data: pass --calibration DATASET_DIR")
+    if method in ("gptq", "awq") and calibration is None:
+        raise UserError(f"{method.upper()} needs calibration data: pass --calibration DATASET_DIR")
     if tune_steps < 0:
         raise UserError(f"--tune-steps must be >= 0, got {tune_steps}")
     if tune_steps and calibration is None:
@@ -449,6 +469,8 @@ def quantize_model(
 
     if method == "gptq":
         _gptq_model(model, plan, calibration, batch_size, progress)
+    elif method == "awq":
+        _awq_model(model, plan, calibration, batch_size, progress)
     else:
         for name, (b, g) in _progress(list(plan.items()), progress, "quantize (rtn)"):
             linear = model.get_submodule(name)
@@ -462,7 +484,7 @@ def quantize_model(
         qw = None
         if method == "gptq" and tied:
             qw = _gptq_tied_head(model, embed_bits, g, calibration, batch_size)
-        modules.update(_quantize_embedding(model, embed_bits, g, tied, qw, clip_search=method == "gptq"))
+        modules.update(_quantize_embedding(model, embed_bits, g, tied, qw, clip_search=method != "rtn"))
     uses_groups = any(m.get("bits") == 4 for m in modules.values())
     section = {
         "format": FORMAT,
@@ -630,8 +652,13 @@ class _StopForward(Exception):
     """Raised by a hook to end a calibration forward once the layer of interest has run."""
 
 
-def _gptq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batch_size, progress) -> None:
-    """Quantize the planned linears block by block, each calibrated on the quantized prefix."""
+def _stop_forward(module, args, output):
+    raise _StopForward
+
+
+def _stages(model, plan) -> list[tuple[nn.Module | None, list[str]]]:
+    """The planned linears grouped by block, in order, each with the block a calibration forward
+    can stop after; then the rest (the head), which needs the whole forward (stop None)."""
     layers = getattr(model, "layers", None)
     stages: list[tuple[nn.Module | None, list[str]]] = []
     if layers is not None:
@@ -642,7 +669,12 @@ def _gptq_model(model, plan: dict[str, tuple[int, int | None]], calibration, bat
     rest = [n for n in plan if not any(n in names for _, names in stages)]
     if rest:
         stages.append((None, rest))
+    return stages
 
+
+def _gptq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batch_size, progress) -> None:
+    """Quantize the planned linears block by block, each calibrated on the quantized prefix."""
+    stages = _stages(model, plan)
     calibration = torch.as_tensor(calibration, dtype=torch.long)
     device = _device_of(model)
     was_training = model.training
@@ -684,13 +716,10 @@ def _collect_hessians(model, names, stop_at, calibration, batch_size, device) ->
 
         return hook
 
-    def stop(module, args, output):
-        raise _StopForward
-
     for name in names:
         handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
     if stop_at is not None:
-        handles.append(stop_at.register_forward_hook(stop))
+        handles.append(stop_at.register_forward_hook(_stop_forward))
     try:
         for start in range(0, calibration.shape[0], batch_size):
             try:
@@ -707,7 +736,153 @@ def _collect_hessians(model, names, stop_at, calibration, batch_size, device) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Scale tuning (after RTN or GPTQ)
+# AWQ
+
+AWQ_ALPHAS = tuple(i / 20 for i in range(21))
+AWQ_SEARCH_ROWS = 4096  # calibration positions each alpha is scored on
+
+
+def _awq_groups(model, plan) -> list[tuple[str, str, list[str]]]:
+    """(producer, how to fold, [projections reading its output]) for every foldable activation.
+
+    "norm": the producer is a norm whose weight (and bias) scale its output channels;
+    "rows": the producer is a linear whose output rows feed the projections linearly.
+    Only pre-norm blocks and planned (to be quantized) projections take part.
+    """
+    def has(name):
+        try:
+            model.get_submodule(name)
+            return True
+        except AttributeError:
+            return False
+
+    groups = []
+    layers = getattr(model, "layers", None) or []
+    for i, layer in enumerate(layers):
+        p = f"layers.{i}."
+        if getattr(layer, "pre_norm", True) is False:
+            continue
+        qkv = [p + f"attn.{n}_proj" for n in "qkv" if p + f"attn.{n}_proj" in plan]
+        if qkv and _norm_foldable(model, p + "attn_norm"):
+            groups.append((p + "attn_norm", "norm", qkv))
+        # o reads softmax(qk) @ v, linear in v's rows, when each query head has its own kv head
+        attn = layer.attn
+        n_head, n_kv_head = getattr(attn, "n_head", None), getattr(attn, "n_kv_head", None)
+        same_heads = n_head is not None and n_head == n_kv_head
+        if same_heads and p + "attn.o_proj" in plan and has(p + "attn.v_proj"):
+            groups.append((p + "attn.v_proj", "rows", [p + "attn.o_proj"]))
+        up = [p + f"mlp.{n}_proj" for n in ("gate", "up") if p + f"mlp.{n}_proj" in plan]
+        if up and _norm_foldable(model, p + "mlp_norm"):
+            groups.append((p + "mlp_norm", "norm", up))
+        swiglu = getattr(layer.mlp, "gate_proj", None) is not None
+        if swiglu and p + "mlp.down_proj" in plan:
+            groups.append((p + "mlp.up_proj", "rows", [p + "mlp.down_proj"]))
+    if HEAD_NAME in plan and _norm_foldable(model, "norm"):
+        groups.append(("norm", "norm", [HEAD_NAME]))
+    return groups
+
+
+def _norm_foldable(model, name: str) -> bool:
+    try:
+        norm = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return isinstance(getattr(norm, "weight", None), torch.Tensor) and not isinstance(norm, nn.Linear)
+
+
+def awq_search_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], specs: list[tuple[int, int | None]]
+) -> tuple[torch.Tensor, float]:
+    """The per-input-channel scale for `weights` (all reading `x [n, cols]`) and its alpha.
+
+    Tries `s = mean|x|^alpha` for each alpha in `AWQ_ALPHAS` (alpha 0 is plain round-to-nearest),
+    quantizing `W * s` and scoring `sum ||x (Q(W s) / s - W)^T||^2` over the weights.
+    """
+    x = x.float()
+    magnitude = x.abs().mean(dim=0).clamp_min(1e-8)
+    best, best_alpha, best_err = torch.ones_like(magnitude), 0.0, math.inf
+    for alpha in AWQ_ALPHAS:
+        scale = magnitude.pow(alpha)
+        scale = scale / (scale.max() * scale.min()).sqrt()  # centred, so the product stays near 1
+        err = 0.0
+        for w, (bits, group) in zip(weights, specs):
+            # scored with the clip search the final quantization uses (on the speedrun model,
+            # plain [min, max] ranges here pick worse scales: +1.60% bpb instead of +1.26%)
+            deq = quantize_weight(w.float() * scale, bits, group, clip_search=True).dequantize() / scale
+            err += float(((x @ (deq - w.float()).T) ** 2).sum())
+        if err < best_err:
+            best, best_alpha, best_err = scale, alpha, err
+    return best, best_alpha
+
+
+@torch.no_grad()
+def _fold_scale(model, producer: str, how: str, consumers: list[str], scale: torch.Tensor) -> None:
+    """Multiply the consumers' input columns by `scale` and divide the producer's output by it."""
+    for name in consumers:
+        linear = model.get_submodule(name)
+        linear.weight.mul_(scale.to(linear.weight.dtype)[None, :])
+    src = model.get_submodule(producer)
+    if how == "norm":
+        src.weight.div_(scale.to(src.weight.dtype))
+        if getattr(src, "bias", None) is not None:
+            src.bias.div_(scale.to(src.bias.dtype))
+    else:
+        src.weight.div_(scale.to(src.weight.dtype)[:, None])
+        if src.bias is not None:
+            src.bias.div_(scale.to(src.bias.dtype))
+
+
+def _awq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batch_size, progress) -> None:
+    """Block by block (each on the already-quantized prefix): search and fold AWQ scales, then RTN."""
+    groups = _awq_groups(model, plan)
+    stages = _stages(model, plan)
+    calibration = torch.as_tensor(calibration, dtype=torch.long)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    for stop_at, names in _progress(stages, progress, "quantize (awq)"):
+        mine = [g for g in groups if g[2][0] in names]
+        inputs = _collect_inputs(model, [g[2][0] for g in mine], stop_at, calibration, batch_size, device)
+        for producer, how, consumers in mine:
+            x = inputs[consumers[0]]
+            x = x[:: max(1, x.shape[0] // AWQ_SEARCH_ROWS)]
+            weights = [model.get_submodule(n).weight.data for n in consumers]
+            scale, _ = awq_search_scale(x, weights, [plan[n] for n in consumers])
+            _fold_scale(model, producer, how, consumers, scale)
+        for name in names:
+            linear = model.get_submodule(name)
+            b, g = plan[name]
+            qw = quantize_weight(linear.weight.data, b, g, clip_search=True)
+            _set_module(model, name, QuantLinear.from_linear(linear, qw, g))
+    model.train(was_training)
+
+
+@torch.no_grad()
+def _collect_inputs(model, names, stop_at, calibration, batch_size, device) -> dict[str, torch.Tensor]:
+    """The inputs `[positions, in]` that reach each named module on the calibration windows."""
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: chunks[name].append(args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu())
+        )
+        for name in names
+    ]
+    if stop_at is not None and names:
+        handles.append(stop_at.register_forward_hook(_stop_forward))
+    try:
+        for start in range(0, calibration.shape[0], batch_size) if names else ():
+            try:
+                model(calibration[start : start + batch_size].to(device))
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(c) for name, c in chunks.items() if c}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale tuning (after any method)
 
 
 def tune_scales(
@@ -723,8 +898,8 @@ def tune_scales(
     """Tune a quantized model's scales and offsets (codes fixed) to match `reference` on `calibration`.
 
     Each step draws `batch_size` windows and lowers the KL divergence from the float model's
-    next-token distribution to the quantized one's, with Adam. A group's scale is tuned as
-    `scale * exp(a * 16 / 2**bits)` and its offset as `offset + b * scale`, so one learning rate
+    next-token distribution to the quantized one's, with Adam (cosine decay). A group's scale is
+    tuned as `scale * exp(a * 16 / 2**bits)` and its offset as `offset + b * scale`, so one rate
     suits groups of any magnitude and either width: a step of `lr` moves every group's largest
     codes by about the same share of a quantization step (INT8's are 16x finer than INT4's).
     The results are rounded to the storage dtypes at the end. Returns the loss of each step.
@@ -741,6 +916,8 @@ def tune_scales(
     log_scale = {m: torch.zeros_like(start[m][0], requires_grad=True) for m in stores}
     shift = {m: torch.zeros_like(start[m][0], requires_grad=True) for m in stores if m.offset is not None}
     optimizer = torch.optim.Adam(list(log_scale.values()) + list(shift.values()), lr=lr)
+    # cosine decay to zero: the last steps settle instead of jittering at the full step size
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     generator = torch.Generator().manual_seed(seed)
     was_training, ref_training = model.training, reference.training
     model.eval()
@@ -762,6 +939,7 @@ def tune_scales(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
     finally:
         with torch.no_grad():
@@ -866,9 +1044,9 @@ def quantize_run(
         raise UserError(f"{run_dir / CONFIG_FILE}: this run is already quantized")
     source_memory = model_nbytes(run.model)
     calibration = None
-    if method == "gptq" or tune_steps:
+    if method in ("gptq", "awq") or tune_steps:
         if calibration_dir is None:
-            what = "--method gptq" if method == "gptq" else "--tune-steps"
+            what = f"--method {method}" if method != "rtn" else "--tune-steps"
             raise UserError(f"{what} needs --calibration DATASET_DIR (token windows to calibrate on)")
         seq_len = min(calibration_seq_len, run.model.config.max_seq_len)
         calibration = sample_calibration_windows(calibration_dir, calibration_windows, seq_len, seed)
