@@ -92,7 +92,8 @@ def main() -> int:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         rows.append({"variant": name, "bpb": score(run.model, run.tokenizer, docs), "quantize_wall_s": wall,
                      "quantize_cpu_s": cpu, "load_average": os.getloadavg()[0]})
-        print(f"  measured {name}", file=sys.stderr, flush=True)
+        print(f"  measured {name}: bpb {rows[-1]['bpb']:.4f}, quantize {wall:.1f} s wall / {cpu:.1f} s CPU, "
+              f"load {rows[-1]['load_average']:.1f}", file=sys.stderr, flush=True)
 
     fp32, rtn = rows[0]["bpb"], rows[1]["bpb"]
     print(f"{'variant':16s} {'bpb':>8s} {'vs fp32':>8s} {'gap closed':>10s} {'wall s':>7s} {'CPU s':>7s} {'load':>5s}")
