@@ -171,7 +171,10 @@ def _process_chunk(items: list[tuple[str, str]]) -> ChunkResult:
     result.token_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = array("I")  # C-speed flattening; travels back as one buffer
     for doc in ids:
-        flat.extend(doc)
+        if type(doc) is list:  # ~2.5x faster than extend, which goes through the iterator
+            flat.fromlist(doc)
+        else:
+            flat.extend(doc)
     result.tokens = np.frombuffer(flat, dtype=np.uint32) if flat else np.empty(0, np.uint32)
     return result
 
