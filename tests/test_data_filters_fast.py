@@ -296,3 +296,17 @@ def test_ngrams_refuses_bad_input():
         ngrams(b"", b"").count_bound(0)
     assert ngrams(b"", b"").top(2) == (0, 0) and ngrams(b"", b"").repeated_chars(3) == 0
     assert ngrams(b"", b"").count_bound(1) == 0
+
+
+def test_many_distinct_words_grow_the_word_set():
+    """More distinct words than the C side's first guess (a word in 6 characters): the word
+    set grows and rehashes; words of 3 letters and of 9-20 (two 8-byte loads) both."""
+    rng = random.Random(3)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    short = rng.sample([a + b + c for a in letters for b in letters for c in letters], 12000)
+    long = ["".join(rng.choices(letters, k=rng.randint(9, 20))) for _ in range(300)]
+    words = short + long + short[:200] + long[:50] + ["The", "OF", "and"]
+    rng.shuffle(words)
+    text = " ".join(words)
+    assert len(set(text.lower().split())) > len(text) / 5  # the table starts at ~n/4 slots
+    assert_same_stats(text, ngram_sizes=(1, 2, 5))

@@ -374,8 +374,10 @@ static int sink_init(WordSink *sink, Py_ssize_t n, const StopWords *stop, Words 
     memset(sink, 0, sizeof *sink);
     sink->stop = stop;
     sink->w = w;
-    /* room for a word in 6 characters: at most a quarter full in prose, so few collisions */
+    /* room for a word in 6 characters: at most a quarter full in prose, so few collisions; a
+       huge text starts smaller (its distinct words are far fewer) and the set grows if need be */
     size_t expected = (size_t)n / 6 + 64;
+    if (expected > ((size_t)1 << 16)) expected = (size_t)1 << 16;
     int status = padded ? wordset_init(&sink->ascii, padded, expected)
                         : spanset_init(&sink->set, expected);
     if (status < 0) {
