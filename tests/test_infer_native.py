@@ -233,3 +233,15 @@ def test_packed_weights_ask_for_huge_pages():
     buffer = native.huge_page_buffer(3 << 20)  # 12 MiB: several aligned 2 MiB pages inside
     assert buffer.numel() == 3 << 20 and buffer.dtype == torch.float32
     assert lib.advise_huge_pages(buffer.data_ptr(), buffer.numel() * 4) == 0
+
+
+def test_a_decoded_model_can_be_freed_with_its_packed_weights():
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    assert isinstance(fused_step_for(model), NativeDecodeStep)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -161,14 +161,26 @@ class FusedLayer:
         return _project(h, self.down_t, self.down_b)
 
 
-class FusedDecodeStep:
+class _StepOfModel:
+    """A step refers to its model weakly: `_STEPS` is keyed weakly by the model, and a strong
+    reference from the value would keep every model (and its weight copies) alive forever."""
+
+    def _keep_model(self, model) -> None:
+        self._model_ref = weakref.ref(model)
+
+    @property
+    def model(self):
+        return self._model_ref()
+
+
+class FusedDecodeStep(_StepOfModel):
     """`model(next_ids, kv_cache=cache, positions=..., attn_mask=...)` for one token per row,
     through fused transposed weights. Returns logits `[B, vocab]`."""
 
     max_rows = FUSED_MAX_ROWS  # larger batches are faster through the model's own forward
 
     def __init__(self, model) -> None:
-        self.model = model
+        self._keep_model(model)
         self.signature = weight_signature(model)
         self.layers = [FusedLayer(block) for block in model.layers]
         with torch.no_grad():
@@ -352,7 +364,7 @@ def _norm(lib, norm: nn.Module, weight32: torch.Tensor | None, ws: Workspace, B:
         ws.normed[:B] = norm(ws.x[:B])
 
 
-class NativeDecodeStep:
+class NativeDecodeStep(_StepOfModel):
     """`model(next_ids, kv_cache=cache, positions=..., attn_mask=...)` for one token per row
     through the C kernels, for any number of rows. Returns logits `[B, vocab]`.
 
@@ -368,7 +380,8 @@ class NativeDecodeStep:
     def __init__(self, model) -> None:
         from scratchlm.infer import native
 
-        self.model, self.lib = model, native.library()
+        self._keep_model(model)
+        self.lib = native.library()
         self.signature = weight_signature(model)
         self.packed = PackedWeights(model)
         self.layers = [NativeLayer(block, self.packed) for block in model.layers]
