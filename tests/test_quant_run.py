@@ -101,15 +101,17 @@ def test_memory_accounting_counts_shared_tensors_once():
     assert model_nbytes(m) == (16 + 4) * 4
 
 
-def test_cli_tuned_gptq_run_reloads_and_generates(float_run, calibration_dataset, tmp_path):
-    src = float_run["gpt2-tiny"]  # tied: GPTQ quantizes the shared matrix as the head
-    assert cli_main(["quantize", "--model", str(src), "--bits", "4", "--group-size", "32", "--method", "gptq",
+@pytest.mark.parametrize("preset,method", [("gpt2-tiny", "gptq"), ("llama-tiny", "awq")])
+def test_cli_calibrated_and_tuned_run_reloads_and_generates(float_run, calibration_dataset, tmp_path, preset, method):
+    src = float_run[preset]  # gpt2-tiny is tied: GPTQ quantizes the shared matrix as the head
+    assert cli_main(["quantize", "--model", str(src), "--bits", "4", "--group-size", "32", "--method", method,
                      "--calibration", str(calibration_dataset), "--calibration-windows", "8",
                      "--calibration-seq-len", "32", "--tune-steps", "3", "--out", str(tmp_path / "q")]) == 0
     run = load_run(tmp_path / "q")
     section = run.config["quantization"]
-    assert section["method"] == "gptq" and section["tune_steps"] == 3
-    assert section["modules"]["lm_head"] == {"tied_to": "tok_embeddings"}
+    assert section["method"] == method and section["tune_steps"] == 3
+    if preset == "gpt2-tiny":
+        assert section["modules"]["lm_head"] == {"tied_to": "tok_embeddings"}
     lm = scratchlm.load(tmp_path / "q")
     assert lm.complete("Hello", max_new_tokens=6, ignore_eos=True)[0].completion_tokens == 6
 
