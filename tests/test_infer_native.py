@@ -182,6 +182,8 @@ def test_step_refuses_a_full_cache_and_a_batch_larger_than_the_cache():
             step(torch.tensor([[5]]), cache)
         with pytest.raises(ValueError, match="does not fit"):
             step(torch.tensor([[5], [6]]), new_kv_cache(model, 1, 4))
+        with pytest.raises(ValueError, match="positions must be >= 0"):
+            step(torch.tensor([[5]]), new_kv_cache(model, 1, 4), positions=torch.tensor([[-1]]))
 
 
 def test_step_refuses_out_of_range_token_ids():
@@ -245,3 +247,12 @@ def test_a_decoded_model_can_be_freed_with_its_packed_weights():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_more_than_eight_padded_rows_equal_each_row_alone():
+    from scratchlm.infer.generate import generate_ids
+
+    model = tiny_llama()
+    prompts = [[(7 * i + j) % 64 for j in range(1 + i % 4)] for i in range(11)]
+    together = generate_ids(model, prompts, max_new_tokens=8)
+    assert together == [generate_ids(model, [p], max_new_tokens=8, use_cache=False)[0] for p in prompts]

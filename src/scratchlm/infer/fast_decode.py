@@ -441,7 +441,11 @@ class NativeDecodeStep(_StepOfModel):
         """(cos table, sin table, per-row positions or None = the cache slot) for the kernels."""
         if not self.rope:
             return None, None, None
-        largest = slot if row_positions is None else max(slot, int(row_positions.max()))
+        largest = slot
+        if row_positions is not None:
+            if int(row_positions.min()) < 0:
+                raise ValueError("positions must be >= 0 for RoPE")
+            largest = max(slot, int(row_positions.max()))
         cos, sin = self._tables(largest + 1)
         return cos.data_ptr(), sin.data_ptr(), _ptr(row_positions)
 
