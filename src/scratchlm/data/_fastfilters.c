@@ -1107,7 +1107,8 @@ static PyMethodDef methods[] = {
      "prose_stats(text, lowered, table, stop_words, bullets, phrases) -> tuple of the prose "
      "statistics (filters.ProseStats), ending with whether a phrase occurs in the lowered text, "
      "the word ids and lengths (uint32 bytes); None when the text has a character whose table "
-     "entry is not filled in. `lowered` (text.lower()) may be None for ASCII text."},
+     "entry is not filled in. `lowered` is text.lower(), needed only for text that is not ASCII "
+     "(ASCII text is lowered here, and `lowered` is ignored)."},
     {"ngrams", ngrams_new, METH_VARARGS,
      "ngrams(ids, lengths) -> Ngrams: n-gram counts of the words with these ids and lengths"},
     {NULL, NULL, 0, NULL},
