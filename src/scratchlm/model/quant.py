@@ -11,8 +11,9 @@ and dequantizes on the fly in `forward`:
   time and each one's rounding error is pushed onto the columns not yet quantized through the
   inverse Hessian of calibration activations (Frantar et al., 2022), layer after layer, so each
   layer is calibrated on the outputs of the already-quantized layers before it. GPTQ also
-  searches each INT4 group's clipping range (the [min, max] the 16 levels span) for the least
-  error, weighted as GPTQ weighs it, and quantizes the embedding with the least-squares clip.
+  searches each group's clipping range (the [min, max] the 16 levels span; INT8: the row's max)
+  for the least error, weighted as GPTQ weighs it. GPTQ and AWQ quantize an untied embedding
+  (a lookup, with no inputs to calibrate on) with the least-squares clipping range.
 - AWQ (`method="awq"`, Lin et al., 2023): before round-to-nearest, the input channels of the
   projections that read one activation are scaled by `s = mean|x|^alpha` (alpha searched per group
   on calibration activations for the least output error) and the inverse scale is folded into what
