@@ -21,7 +21,8 @@ from scratchlm.train import losses, native
 from scratchlm.train.losses import fused_linear_cross_entropy
 from scratchlm.train.trainer import autocast_context
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="native kernels unavailable (no C compiler, or SCRATCHLM_NATIVE=0)")
+pytestmark = pytest.mark.skipif(native.library() is None,
+                                reason="native kernels unavailable (no C compiler, or SCRATCHLM_NATIVE=0)")
 
 BF16_ULP = 2.0**-7  # relative spacing of bf16 numbers
 
