@@ -243,9 +243,13 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def adamw_applies(tensors) -> bool:
-    """True when the one-pass AdamW kernel can update these (fp32, contiguous, CPU) tensors."""
+    """True when the one-pass AdamW kernel can update these (fp32, contiguous, CPU) tensors.
+
+    Plain tensors only: a tensor subclass such as FSDP2's sharded DTensor has no flat local
+    storage behind `data_ptr()`, so it stays with torch's update."""
     return library() is not None and all(
-        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32
+        and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
