@@ -1,6 +1,6 @@
 """Loads the decode step's C hot loops (`_native_decode.c`) and calls them on torch tensors.
 
-The C file is compiled on first use with the system C compiler (`cc -O3 -march=native`, under
+The C file is compiled on first use by `scratchlm.native` (`cc -O3 -march=native`, under
 a second) into a per-user cache directory keyed by the source, the flags and this CPU, and
 loaded through ctypes; no Python or torch headers are involved. Where there is no compiler,
 the compile fails, or `SCRATCHLM_NATIVE=0` is set, `library()` returns None and decoding uses
@@ -14,19 +14,14 @@ buffers. Not for anything that needs gradients, another dtype or another device.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
+from scratchlm.native import load_library
+
 SOURCE = Path(__file__).with_name("_native_decode.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+COMPILE_FLAGS = ["-O3", "-march=native", "-std=gnu11"]
 VERSION = 4  # the VERSION of _native_decode.c this module's bindings expect
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -54,57 +49,9 @@ def library():
 
 
 def _load():
-    if os.environ.get("SCRATCHLM_NATIVE", "1") == "0" or sys.platform == "win32":
-        return None
-    try:
-        lib = ctypes.CDLL(str(_compiled_path()))
-    except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"scratchlm: native decode kernels unavailable ({e}); decoding with torch ops",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    for name, (args, result) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, result
-    if lib.native_version() != VERSION:
-        return None
-    return lib
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and flags (a shared home directory may be
-    mounted on different machines)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(root) / "scratchlm" / "native"
-
-
-def _compiled_path() -> Path:
-    """Compile the C file unless this exact build exists; returns the shared library's path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"_native_decode-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CC", "cc")
-    # Compile to a temporary name and rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
-                       capture_output=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return load_library(SOURCE, compile_flags=COMPILE_FLAGS, signatures=_SIGNATURES,
+                        version_function="native_version", version=VERSION,
+                        purpose="native decode kernels")
 
 
 # ---- packing and calls ----------------------------------------------------------------------

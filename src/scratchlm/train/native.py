@@ -3,7 +3,7 @@
 `_native_train.c` holds three hot loops that torch runs slowly at a small model's shapes (see
 that file): tanh-GELU forward/backward, the causal softmax of attention forward/backward, and
 the cross-entropy of a chunk of logits (loss per row and the softmax - one-hot gradient, in
-place). It is compiled on first use with the system C compiler into a per-user cache keyed by
+place). It is compiled on first use by `scratchlm.native` into a per-user cache keyed by
 the source, the flags and the CPU, and loaded with ctypes (no Python or torch headers).
 `library()` is None where there is no compiler, the build fails, or `SCRATCHLM_NATIVE=0`;
 callers then keep torch's ops. Each call is split by rows across `torch.get_num_threads()`
@@ -19,24 +19,17 @@ inference (the model's own torch path is what inference and exports are tested a
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from scratchlm.native import load_library
+
 SOURCE = Path(__file__).with_name("_native_train.c")
-# -ffast-math lets gcc vectorise the kernels' sums and maxima; it is given to the compile
-# step only, because linking a shared library with it pulls in crtfastmath.o, which would turn
-# on flush-to-zero for the whole process at load time.
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=gnu11", "-c"]
-LINK_FLAGS = ["-shared"]
+# -ffast-math lets gcc vectorise the kernels' sums and maxima (scratchlm.native keeps it out of
+# the link step, where it would turn on flush-to-zero for the whole process).
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=gnu11"]
 VERSION = 3  # NATIVE_TRAIN_VERSION in _native_train.c
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -62,51 +55,9 @@ def library():
 
 
 def _load():
-    if os.environ.get("SCRATCHLM_NATIVE", "1") == "0" or sys.platform != "linux":
-        return None
-    try:
-        lib = ctypes.CDLL(str(_compiled_path()))
-        for name, (args, result) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, result
-    except (OSError, AttributeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"scratchlm: native training kernels unavailable ({e}); using torch ops",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    return lib if lib.native_train_version() == VERSION else None
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on (a shared home directory may serve different CPUs)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(root) / "scratchlm" / "native"
-
-
-def _compiled_path() -> Path:
-    """Build the library unless this exact build exists; returns its path."""
-    source = SOURCE.read_bytes()
-    signature = source + " ".join(COMPILE_FLAGS + LINK_FLAGS).encode() + _cpu_signature().encode()
-    target = _cache_dir() / f"_native_train-{hashlib.sha256(signature).hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CC", "cc")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
-        subprocess.run([compiler, *COMPILE_FLAGS, "-o", obj, str(SOURCE)], check=True,
-                       capture_output=True, timeout=120)
-        subprocess.run([compiler, *LINK_FLAGS, "-o", lib, obj, "-lm"], check=True,
-                       capture_output=True, timeout=120)
-        os.replace(lib, target)  # atomic: a concurrent process never loads a half-written file
-    return target
+    return load_library(SOURCE, compile_flags=COMPILE_FLAGS, signatures=_SIGNATURES,
+                        version_function="native_train_version", version=VERSION,
+                        purpose="native training kernels")
 
 
 # ---- splitting a call across threads -------------------------------------------------------
