@@ -163,8 +163,13 @@ def main() -> int:
         return by[name][2] - fp32_bpb
 
     for rtn, calibrated in (("int4 g64", "gptq int4 g64"), ("int4 g64 e8", "gptq int4 g64 e8"), ("int4 g64", "awq int4 g64")):
-        closed = 1 - gap(calibrated) / gap(rtn) if gap(rtn) > 0 else float("nan")
-        print(f"{calibrated.split()[0].upper()} closes {100 * closed:.0f}% of the {rtn} round-to-nearest gap "
+        method = calibrated.split()[0].upper()
+        if gap(rtn) <= 0:  # a barely trained model: round-to-nearest lost nothing, so no share exists
+            print(f"{method}: the {rtn} round-to-nearest gap is {gap(rtn):+.4f} bpb, nothing to close "
+                  "(see benchmarks/quant_gap.py for a trained model)")
+            continue
+        closed = 1 - gap(calibrated) / gap(rtn)
+        print(f"{method} closes {100 * closed:.0f}% of the {rtn} round-to-nearest gap "
               "(target >= 50%; see benchmarks/quant_gap.py for a trained model)")
     print(f"targets: int8 {100 * gap('int8') / fp32_bpb:+.2f}% (<= +0.5%), {fp32_size / by['int8'][1]:.2f}x (>= 3.5x); "
           f"int4 g64 {100 * gap('int4 g64') / fp32_bpb:+.2f}% (<= +5%), {fp32_size / by['int4 g64'][1]:.2f}x (>= 6x)")
