@@ -22,7 +22,8 @@ SYMBOLS = {
  "07-dpo.md": [("src/scratchlm/posttrain/dpo.py", "dpo_loss"), ("src/scratchlm/posttrain/dpo.py", "sequence_logps")],
  "08-evaluation.md": [("src/scratchlm/eval/bpb.py", "bits_per_byte_tokens"), ("src/scratchlm/eval/tasks.py", "_score_likelihood")],
  "09-inference.md": [("src/scratchlm/infer/generate.py", "BatchDecoder.step"), ("src/scratchlm/model/layers.py", "Attention.forward"), ("src/scratchlm/infer/sampling.py", "Sampler.__call__+Sampler._draw")],
- "10-quantization.md": [("src/scratchlm/model/quant.py", "group_params+quantize_weight"), ("src/scratchlm/model/quant.py", "gptq_quantize_weight")],
+ "10-quantization.md": [("src/scratchlm/model/quant.py", "group_params+quantize_weight"), ("src/scratchlm/model/quant.py", "gptq_quantize_weight"),
+                        ("src/scratchlm/model/quant.py", "awq_search_scale"), ("src/scratchlm/model/quant.py", "tune_scales")],
  "11-serving.md": [("src/scratchlm/infer/scheduler.py", "Scheduler._decode_step"), ("src/scratchlm/infer/scheduler.py", "Scheduler._take_tokens"),
                    ("src/scratchlm/infer/server.py", 'text:@app.post("/v1/chat/completions")|"choices": choices, "usage"')],
 }
