@@ -705,20 +705,15 @@ def _gptq_tied_head(model, bits: int, group_size: int | None, calibration, batch
 
 
 @torch.no_grad()
-def _collect_hessians(model, names, stop_at, calibration, batch_size, device) -> dict[str, torch.Tensor]:
-    hessians: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(name):
-        def hook(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            h = x.T @ x
-            hessians[name] = hessians[name] + h if name in hessians else h
-
-        return hook
-
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
+def _run_calibration(model, on_input: dict, stop_at, calibration, batch_size, device) -> None:
+    """Run the calibration windows through `model`, calling `on_input[name](x)` with the input
+    `[positions, in]` (fp32) of each named module; stop each forward after `stop_at` if given."""
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, fn=fn: fn(args[0].detach().float().reshape(-1, args[0].shape[-1]))
+        )
+        for name, fn in on_input.items()
+    ]
     if stop_at is not None:
         handles.append(stop_at.register_forward_hook(_stop_forward))
     try:
@@ -730,6 +725,19 @@ def _collect_hessians(model, names, stop_at, calibration, batch_size, device) ->
     finally:
         for h in handles:
             h.remove()
+
+
+def _collect_hessians(model, names, stop_at, calibration, batch_size, device) -> dict[str, torch.Tensor]:
+    hessians: dict[str, torch.Tensor] = {}
+
+    def accumulate(name):
+        def add(x):
+            h = x.T @ x
+            hessians[name] = hessians[name] + h if name in hessians else h
+
+        return add
+
+    _run_calibration(model, {name: accumulate(name) for name in names}, stop_at, calibration, batch_size, device)
     missing = [n for n in names if n not in hessians]
     if missing:
         raise RuntimeError(f"GPTQ: no calibration inputs reached {missing}")
@@ -858,27 +866,13 @@ def _awq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batc
     model.train(was_training)
 
 
-@torch.no_grad()
 def _collect_inputs(model, names, stop_at, calibration, batch_size, device) -> dict[str, torch.Tensor]:
     """The inputs `[positions, in]` that reach each named module on the calibration windows."""
+    if not names:
+        return {}
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda module, args, name=name: chunks[name].append(args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu())
-        )
-        for name in names
-    ]
-    if stop_at is not None and names:
-        handles.append(stop_at.register_forward_hook(_stop_forward))
-    try:
-        for start in range(0, calibration.shape[0], batch_size) if names else ():
-            try:
-                model(calibration[start : start + batch_size].to(device))
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    on_input = {name: (lambda x, name=name: chunks[name].append(x.cpu())) for name in names}
+    _run_calibration(model, on_input, stop_at, calibration, batch_size, device)
     return {name: torch.cat(c) for name, c in chunks.items() if c}
 
 
