@@ -103,6 +103,29 @@ void gelu_tanh_bwd_bf16(const uint16_t *restrict g, const uint16_t *restrict x, 
 
 /* ---- Causal softmax of attention scores ------------------------------------------------- */
 
+/* The shared first half of a softmax over one bf16 row of n values: scratch[j] = exp(scale *
+   row[j] - max), returned sum, *max_out = the max of scale * row, *bad = 1 if any input is NaN/inf. */
+static inline float exp_shifted_row(const uint16_t *restrict row, int64_t n, float scale,
+                                    float *restrict scratch, float *max_out, int *bad) {
+    float m = -FLT_MAX;
+    int not_finite = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float v = bf16_to_f32(row[j]) * scale;
+        not_finite |= bf16_not_finite(row[j]);
+        scratch[j] = v;
+        m = v > m ? v : m;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float e = exp_approx(scratch[j] - m);
+        scratch[j] = e;
+        sum += e;
+    }
+    *max_out = m;
+    *bad = not_finite;
+    return sum;
+}
+
 /* Rows [start, stop) of s, viewed as [rows, t] with row r being query r % t: p = softmax(scale *
    s) over columns 0..q, 0 beyond (the causal mask). `scratch` holds t floats. */
 void causal_softmax_fwd_bf16(const uint16_t *restrict s, uint16_t *restrict p, int64_t t, float scale,
@@ -111,20 +134,9 @@ void causal_softmax_fwd_bf16(const uint16_t *restrict s, uint16_t *restrict p, i
         const uint16_t *row = s + r * t;
         uint16_t *out = p + r * t;
         int64_t n = r % t + 1;
-        float m = -FLT_MAX;
-        int bad = 0;
-        for (int64_t j = 0; j < n; j++) {
-            float v = bf16_to_f32(row[j]) * scale;
-            bad |= bf16_not_finite(row[j]);
-            scratch[j] = v;
-            m = v > m ? v : m;
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            float e = exp_approx(scratch[j] - m);
-            scratch[j] = e;
-            sum += e;
-        }
+        float m;
+        int bad;
+        float sum = exp_shifted_row(row, n, scale, scratch, &m, &bad);
         float inv = bad ? f32_nan() : 1.0f / sum; /* a NaN/inf score makes the row NaN, as torch */
         for (int64_t j = 0; j < n; j++) out[j] = f32_to_bf16(scratch[j] * inv);
         memset(out + n, 0, (size_t)(t - n) * sizeof(uint16_t));
@@ -162,20 +174,9 @@ void cross_entropy_rows_bf16(uint16_t *restrict logits, const int64_t *restrict 
             memset(row, 0, (size_t)v * sizeof(uint16_t));
             continue;
         }
-        float m = -FLT_MAX;
-        int bad = 0;
-        for (int64_t j = 0; j < v; j++) {
-            float x = bf16_to_f32(row[j]);
-            bad |= bf16_not_finite(row[j]);
-            scratch[j] = x;
-            m = x > m ? x : m;
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < v; j++) {
-            float e = exp_approx(scratch[j] - m);
-            scratch[j] = e;
-            sum += e;
-        }
+        float m;
+        int bad;
+        float sum = exp_shifted_row(row, v, 1.0f, scratch, &m, &bad);
         float picked = bf16_to_f32(row[tgt]);
         /* a NaN/inf logit makes the loss NaN (as torch's), so the trainer skips the step */
         nll[r] = bad ? f32_nan() : m + logf(sum) - picked;
