@@ -54,6 +54,7 @@ class TrainConfig:
     compile: bool = False
     fused_loss: bool = True  # output head + cross-entropy in chunks (no full logits tensor)
     activation_checkpointing: bool = False
+    cpu_workers: int = 0  # CPU: threads that split each micro-batch; 0 = auto, 1 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0
     log_every: int = 10

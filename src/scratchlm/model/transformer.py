@@ -152,6 +152,21 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
+        return self.lm_head(self.features(idx, positions=positions, attn_mask=attn_mask,
+                                          doc_ids=doc_ids, kv_cache=kv_cache))
+
+    def features(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """What `lm_head` turns into logits: the final norm's output [B, T, d_model].
+
+        A loss that fuses the head with cross-entropy starts here (scratchlm.train.losses)."""
         if positions is None:
             positions = self.default_positions(idx, kv_cache)
         if self.config.positions == "learned" and kv_cache is None and idx.shape[1] > self.config.max_seq_len:
@@ -162,7 +177,7 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(idx.shape[1])
-        return self.head(h)
+        return self.norm(h)
 
     # -- switches and accounting ------------------------------------------------------------------
 

@@ -55,6 +55,11 @@ class PretrainTask:
     def next_batch(self):
         return self.loader.next_batch()
 
+    def split_batch(self, batch, parts: int) -> list[tuple]:
+        """The batch as `parts` equal groups of rows (the trainer's CPU workers take one each;
+        every window has the same number of targets, so the mean of their losses is exact)."""
+        return list(zip(*(tensor.chunk(parts) for tensor in batch)))
+
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float], int]:
         inputs, targets, doc_ids = self._to_device(model, batch)
         kwargs = {"doc_ids": doc_ids} if doc_ids is not None else {}
@@ -142,29 +147,17 @@ def can_fuse_head(model) -> bool:
         and model.lm_head.bias is None
 
 
-class _HiddenStates(torch.nn.Module):
-    """Stands in for the output head for one forward pass, so the model returns h, not logits."""
-
-    def forward(self, h):
-        return h
-
-
 def next_token_loss_fused(model, inputs, targets, **kwargs) -> torch.Tensor:
     """Cross-entropy with the output head fused into the loss (see `scratchlm.train.losses`).
 
-    The model's own forward runs with its `lm_head` swapped out for the duration of the call,
-    so everything before the head stays the model's business; the head's weight (tied or not)
-    gets its gradient through the fused function.
+    The model computes its final hidden states (`Transformer.features`); the head's weight
+    (tied or not) gets its gradient through the fused function. The model is not modified, so
+    threads may run this on one model at the same time (the trainer's CPU workers do).
     """
     from scratchlm.train.losses import fused_linear_cross_entropy
 
-    head = model.lm_head
-    model.lm_head = _HiddenStates()
-    try:
-        h = model(inputs, **kwargs)
-    finally:
-        model.lm_head = head
-    return fused_linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
+    h = model.features(inputs, **kwargs)
+    return fused_linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, targets.flatten())
 
 
 def _model_device(model) -> torch.device:

@@ -36,6 +36,7 @@ import torch
 from scratchlm.errors import UserError
 from scratchlm.files import atomic_write_bytes
 from scratchlm.train.cpu_alloc import keep_freed_memory
+from scratchlm.train.cpu_workers import CpuWorkers, plan_workers, uses_dropout
 from scratchlm.train.checkpoint import CheckpointManager, capture_rng_state, load_weights, restore_rng_state
 from scratchlm.train.optim import build_optimizer, set_lr_factor
 from scratchlm.train.schedule import schedule_from_config
@@ -414,6 +415,7 @@ def train(
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     runner = torch.compile(wrapped) if cfg.compile else wrapped
+    workers = _make_cpu_workers(cfg, model, task, device, strategy, scaler, params)
 
     metrics = MetricsLog(out_dir, enabled=strategy.is_main, tensorboard=cfg.tensorboard)
     if resumed_from is not None:
@@ -441,7 +443,7 @@ def train(
                 t0 = time.perf_counter()
                 set_lr_factor(optimizer, lr_factor(progress.step))
                 loss_sum, n_tokens, task_metrics = _accumulate(
-                    runner, task, accum, device, dtype, scaler, strategy
+                    runner, task, accum, device, dtype, scaler, strategy, workers
                 )
                 loss_value = strategy.mean(loss_sum / accum)
                 finite, grad_norm = _apply_update(optimizer, scaler, strategy, params, cfg.grad_clip,
@@ -502,6 +504,8 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if workers is not None:
+            workers.close()
         metrics.close()
     result.step, result.tokens = progress.step, progress.tokens
     return result
@@ -538,7 +542,23 @@ def _report_bad_step(step: int, loss_value: float, grad_norm: float, bad_steps: 
         )
 
 
-def _accumulate(runner, task, accum: int, device, dtype, scaler, strategy):
+def _make_cpu_workers(cfg, model, task, device, strategy, scaler, params) -> CpuWorkers | None:
+    """Threads that split each micro-batch on a CPU (`train.cpu_workers`), where that is safe."""
+    if (device.type != "cpu" or type(strategy) is not Strategy or cfg.compile or scaler is not None
+            or not hasattr(task, "split_batch") or uses_dropout(model)):
+        return None
+    workers, intra_threads = plan_workers(cfg.cpu_workers, cfg.micro_batch_size, torch.get_num_threads())
+    return CpuWorkers(workers, intra_threads, params) if workers > 1 else None
+
+
+def _thread_autocast(device, dtype):
+    """The per-thread half of `autocast_context` (what a CPU worker thread enters itself)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _accumulate(runner, task, accum: int, device, dtype, scaler, strategy, workers=None):
     """Forward and backward over `accum` micro-batches; gradients add up in `.grad`."""
     custom = strategy.accumulate(runner, task, accum, device, dtype, scaler)
     if custom is not None:
@@ -548,16 +568,28 @@ def _accumulate(runner, task, accum: int, device, dtype, scaler, strategy):
     metrics: dict[str, float] = {}
     for micro in range(accum):
         batch = task.next_batch()
-        with strategy.no_sync(runner, last_micro_step=micro == accum - 1):
-            with autocast_context(device, dtype):
-                loss, micro_metrics, micro_tokens = task.loss(runner, batch)
-            scaled = loss / accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if workers is not None:
+            with autocast_context(device, dtype):  # its process-wide switches hold for the workers
+                loss, micro_metrics, micro_tokens = workers.forward_backward(
+                    runner, task, batch, 1.0 / accum, lambda: _thread_autocast(device, dtype))
+        else:
+            loss, micro_metrics, micro_tokens = _forward_backward(runner, task, batch, accum, micro, device,
+                                                                  dtype, scaler, strategy)
         loss_sum += loss.detach().float()
         n_tokens += int(micro_tokens)
         for key, value in (micro_metrics or {}).items():
             metrics[key] = metrics.get(key, 0.0) + float(value) / accum
     return float(loss_sum), int(strategy.sum(n_tokens)), metrics
+
+
+def _forward_backward(runner, task, batch, accum: int, micro: int, device, dtype, scaler, strategy):
+    """One micro-batch on this thread: loss, then its gradients / accum added into `.grad`."""
+    with strategy.no_sync(runner, last_micro_step=micro == accum - 1):
+        with autocast_context(device, dtype):
+            loss, micro_metrics, micro_tokens = task.loss(runner, batch)
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss, micro_metrics, micro_tokens
 
 
 @torch.no_grad()
