@@ -10,8 +10,10 @@ batch 16, vocab 8192 -- the shape nanoGPT's train.py was measured at on this CPU
 2. quality: each trains for the same wall-clock minutes on the same data, then both are scored
    by one function on the same validation windows: loss and bits per byte.
 
-The reference is a nanoGPT-style GPT (pre-LN, learned positions, GELU, tied embeddings, SDPA)
-with torch's AdamW, warm-up + cosine, clipping: the plain loop a person would write.
+The reference is a nanoGPT-style GPT with nanoGPT train.py's defaults (pre-LN, learned positions,
+GELU, tied embeddings, SDPA, no biases in Linear or LayerNorm, no dropout) and torch's AdamW,
+warm-up + cosine, clipping: the plain loop a person would write. scratchlm trains the same shape
+(its gpt2 preset with `model.bias=false`; its GELU is GPT-2's tanh form).
 Not a test: it prints figures (and `--json` writes them) for docs/benchmarks.md.
 
     python benchmarks/train.py [--minutes 2] [--steps 20] [--repeats 2] [--work .bench/train]
@@ -45,9 +47,9 @@ class RefBlock(nn.Module):
     def __init__(self, d: int, n_head: int):
         super().__init__()
         self.n_head = n_head
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.fc, self.out = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -55,7 +57,7 @@ class RefBlock(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
 class RefGPT(nn.Module):
@@ -63,15 +65,13 @@ class RefGPT(nn.Module):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
         self.blocks = nn.ModuleList(RefBlock(d, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d)
+        self.ln_f = nn.LayerNorm(d, bias=False)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "out.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
 
     def forward(self, idx):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
@@ -125,7 +125,7 @@ def scratchlm_config(args, extra: list[str]):
     from scratchlm.config import load_config
 
     return load_config(None, [
-        "model.preset=gpt2-mini", f"model.n_layer={args.n_layer}", f"model.n_head={args.n_head}",
+        "model.preset=gpt2-mini", "model.bias=false", f"model.n_layer={args.n_layer}", f"model.n_head={args.n_head}",
         f"model.d_model={args.d_model}", f"model.max_seq_len={args.seq}", f"train.seq_len={args.seq}",
         f"train.micro_batch_size={args.batch}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}",
         f"train.dtype={args.dtype}", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false",
@@ -198,7 +198,7 @@ def flops_per_token(args) -> float:
     from scratchlm.model.config import model_config
     from scratchlm.model.transformer import Transformer
 
-    cfg = model_config("gpt2-mini", vocab_size=args.vocab, n_layer=args.n_layer, n_head=args.n_head,
+    cfg = model_config("gpt2-mini", bias=False, vocab_size=args.vocab, n_layer=args.n_layer, n_head=args.n_head,
                        d_model=args.d_model, max_seq_len=args.seq)
     return Transformer(cfg).flops_per_token(args.seq)
 
