@@ -13,6 +13,8 @@ Not for anything that needs the logits themselves (generation, evaluation of cho
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 DEFAULT_CHUNK_ROWS = 256
@@ -118,6 +120,19 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
 NATIVE_GROUP_ELEMENTS = 1 << 23
 
 
+_THREAD_BUFFERS = threading.local()
+
+
+def _logits_buffer(rows: int, vocab: int) -> torch.Tensor:
+    """A [rows, vocab] bf16 buffer kept per thread across calls: the logits GEMM writing into
+    the same warm 16 MB each time measured 203 GFLOP/s against 161 into a fresh tensor (one
+    core, Zen 4, inside a training step); the group never outlives the call."""
+    buffer = getattr(_THREAD_BUFFERS, "logits", None)
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != vocab:
+        buffer = _THREAD_BUFFERS.logits = torch.empty(rows, vocab, dtype=torch.bfloat16)
+    return buffer[:rows]
+
+
 def _native_applies(h, weight, compute_dtype) -> bool:
     if compute_dtype != torch.bfloat16 or h.device.type != "cpu" or weight.device.type != "cpu":
         return False
@@ -144,7 +159,7 @@ def _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index):
     group = max(1, NATIVE_GROUP_ELEMENTS // vocab)
     for start in range(0, n, group):
         stop = min(n, start + group)
-        g = hc[start:stop] @ w.T
+        g = torch.mm(hc[start:stop], w.T, out=_logits_buffer(stop - start, vocab))
         total += cross_entropy_rows_(g, kernel_targets[start:stop]).sum(dtype=torch.float64)
         if grad_h is not None:  # the 1/count of the mean goes on the small products
             grad_h[start:stop] = (g @ w).to(h.dtype).div_(count)

@@ -19,6 +19,7 @@ Not for building models, datasets or tasks (see `pretrain.py` and `scratchlm.pos
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -183,7 +184,9 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 
 def estimate_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """A stated peak for MFU: the GPU's datasheet figure, or cores x clock x FLOPs/cycle on a CPU."""
+    """A stated peak for MFU: the GPU's datasheet figure; on a CPU, cores x clock x FLOPs/cycle,
+    or cores x a measured single-core GEMM rate where that is higher (a VM's /proc/cpuinfo
+    gives the base clock, and a boosting CPU multiplies faster than that figure allows)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, tflops in GPU_PEAK_TFLOPS.items():
@@ -198,7 +201,27 @@ def estimate_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     per_cycle = 32.0 if "AuthenticAMD" in _cpuinfo() else 64.0
     if dtype != torch.float32 and cpu_has_native_bf16():
         per_cycle *= 2
-    return cores * ghz * 1e9 * per_cycle
+    low_precision = dtype != torch.float32 and cpu_has_native_bf16()
+    return cores * max(ghz * 1e9 * per_cycle, _measured_core_gemm_flops(low_precision))
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_core_gemm_flops(bf16: bool) -> float:
+    """FLOP/s of a 512^3 GEMM on one thread (best of a few, ~50 ms in all)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(512, 512).to(dtype), torch.randn(512, 512).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = min(best, (time.perf_counter() - start) / 4)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * 512**3 / best
 
 
 def _cpuinfo() -> str:
