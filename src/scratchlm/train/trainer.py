@@ -209,7 +209,8 @@ def estimate_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 def _measured_core_gemm_flops(bf16: bool) -> float:
     """FLOP/s of a 512^3 GEMM on one thread (best of a few, ~50 ms in all)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(512, 512).to(dtype), torch.randn(512, 512).to(dtype)
+    own = torch.Generator().manual_seed(0)  # the global RNG is training state: leave it alone
+    a, b = (torch.randn(512, 512, generator=own).to(dtype) for _ in range(2))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
