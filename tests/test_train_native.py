@@ -156,6 +156,23 @@ def test_fused_loss_native_path_equals_its_torch_path(monkeypatch, ignored):
 # Threads, plumbing, resume
 
 
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_add_bf16_to_f32_equals_cast_then_add(n, seed):
+    dst = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    src = bf16((n,), seed + 1, scale=5.0)
+    expected = dst + src.float()
+    assert native.add_bf16_to_f32_(dst, src) is dst
+    assert torch.equal(dst, expected)
+
+
+def test_add_bf16_to_f32_refuses_mismatched_tensors():
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.add_bf16_to_f32_(torch.zeros(4, dtype=torch.float64), bf16((4,), 0))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.add_bf16_to_f32_(torch.zeros(5), bf16((4,), 0))
+
+
 def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     monkeypatch.setattr(native, "_MIN_SPLIT_ELEMENTS", 1)
     x = bf16((37, 64), 1, scale=3.0)

@@ -21,7 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define NATIVE_TRAIN_VERSION 3
+#define NATIVE_TRAIN_VERSION 4
 
 int native_train_version(void) { return NATIVE_TRAIN_VERSION; }
 
@@ -184,6 +184,14 @@ void cross_entropy_rows_bf16(uint16_t *restrict logits, const int64_t *restrict 
         for (int64_t j = 0; j < v; j++) row[j] = f32_to_bf16(scratch[j] * inv);
         row[tgt] = f32_to_bf16(scratch[tgt] * inv - 1.0f);
     }
+}
+
+/* ---- Accumulating a bf16 product into fp32 ------------------------------------------------ */
+
+/* dst[i] += src[i] for elements [start, stop): one pass where torch needs a cast into a new
+   fp32 tensor and then an add (the fused loss adds each group's weight gradient this way). */
+void add_bf16_to_f32(const uint16_t *restrict src, float *restrict dst, int64_t start, int64_t stop) {
+    for (int64_t i = start; i < stop; i++) dst[i] += bf16_to_f32(src[i]);
 }
 
 /* ---- AdamW -------------------------------------------------------------------------------- */

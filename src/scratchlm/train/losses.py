@@ -144,7 +144,7 @@ def _native_applies(h, weight, compute_dtype) -> bool:
 def _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index):
     """Mean cross-entropy and the gradients of h and weight, group by group of rows: logits by
     one GEMM, loss and (softmax - one-hot) by the C kernel in one pass, two GEMMs back."""
-    from scratchlm.train.native import cross_entropy_rows_
+    from scratchlm.train.native import add_bf16_to_f32_, cross_entropy_rows_
 
     n, vocab = h.shape[0], weight.shape[0]
     w = weight.to(compute_dtype)
@@ -163,9 +163,9 @@ def _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index):
         total += cross_entropy_rows_(g, kernel_targets[start:stop]).sum(dtype=torch.float64)
         if grad_h is not None:  # the 1/count of the mean goes on the small products
             grad_h[start:stop] = (g @ w).to(h.dtype).div_(count)
-        if need_w:  # cast, then add: torch's mixed-dtype add_ is twice as slow as the two
-            product = (g.T @ hc[start:stop]).float()
-            grad_w = product if grad_w is None else grad_w.add_(product)
+        if need_w:  # fp32 accumulation across groups, the cast and the add in one pass
+            product = g.T @ hc[start:stop]
+            grad_w = product.float() if grad_w is None else add_bf16_to_f32_(grad_w, product)
     if grad_w is not None:
         grad_w = grad_w.div_(count).to(weight.dtype)
     loss = (total / count).to(torch.promote_types(h.dtype, torch.float32))

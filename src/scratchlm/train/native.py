@@ -11,7 +11,8 @@ threads (ctypes releases the GIL), and every row is computed the same way whatev
 so results do not depend on the thread count.
 
 Public: `library()`, `gelu_tanh(x)` and `causal_softmax(scores, scale)` (autograd functions for
-bf16 CPU tensors), `cross_entropy_rows_(logits, targets)`, and `adamw_step_(...)`, AdamW's update
+bf16 CPU tensors), `cross_entropy_rows_(logits, targets)`, `add_bf16_to_f32_(dst, src)` (the
+fused loss's accumulation of weight gradients), and `adamw_step_(...)`, AdamW's update
 of one fp32 parameter in one pass (used by `scratchlm.train.optim`). Not for fp32/fp16 tensors, GPUs or
 inference (the model's own torch path is what inference and exports are tested against).
 """
@@ -30,7 +31,7 @@ SOURCE = Path(__file__).with_name("_native_train.c")
 # -ffast-math lets gcc vectorise the kernels' sums and maxima (scratchlm.native keeps it out of
 # the link step, where it would turn on flush-to-zero for the whole process).
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=gnu11"]
-VERSION = 3  # NATIVE_TRAIN_VERSION in _native_train.c
+VERSION = 4  # NATIVE_TRAIN_VERSION in _native_train.c
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -41,6 +42,7 @@ _SIGNATURES = {
     "causal_softmax_bwd_bf16": ([_P, _P, _P, _I, _F, _I, _I], None),
     "cross_entropy_rows_bf16": ([_P, _P, _P, _I, _I, _I, _P], None),
     "adamw_f32": ([_P, _P, _P, _P, _I, _I, _F, _F, _F, _F, _F, _F], None),
+    "add_bf16_to_f32": ([_P, _P, _I, _I], None),
 }
 
 _LIBRARY: list = []  # [] = not tried yet, [None] = unavailable, [lib] = loaded
@@ -188,6 +190,20 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     _run_split(lambda i, a, b: lib.cross_entropy_rows_bf16(
         logits.data_ptr(), targets.data_ptr(), nll.data_ptr(), vocab, a, b, scratch[i].data_ptr()), ranges)
     return nll
+
+
+# ---- accumulating into fp32 ---------------------------------------------------------------
+
+
+def add_bf16_to_f32_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst += src for a contiguous fp32 `dst` and bf16 `src` of the same shape, in one pass."""
+    _check(src, "add_bf16_to_f32_")
+    if dst.dtype != torch.float32 or not dst.is_contiguous() or dst.shape != src.shape:
+        raise ValueError(f"add_bf16_to_f32_: dst must be contiguous fp32 of shape {tuple(src.shape)}")
+    lib = library()
+    _run_split(lambda i, a, b: lib.add_bf16_to_f32(src.data_ptr(), dst.data_ptr(), a, b),
+               _split_rows(src.numel(), 1))
+    return dst
 
 
 # ---- AdamW ---------------------------------------------------------------------------------
