@@ -54,7 +54,8 @@ def test_bf16_training_attention_takes_the_bmm_path_and_matches_sdpa(monkeypatch
     monkeypatch.setattr(layers, "causal_attention_bmm", lambda *a: calls.append(1) or real(*a))
     attend(q, k, v, None)  # off by default: the model's memory estimates assume SDPA
     assert not calls
-    with autocast_context(torch.device("cpu"), torch.bfloat16):  # the CPU trainer turns it on
+    # the CPU trainer turns it on (and plugs in the C attention where it can: tested on its own)
+    with autocast_context(torch.device("cpu"), torch.bfloat16), layers.training_kernels():
         out = attend(q, k, v, None)
         out_gqa = attend(q, k_gqa, v_gqa, None)
     assert len(calls) == 2

@@ -179,10 +179,13 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     s = bf16((3, 29, 29), 2)
     logits, targets = bf16((23, 50), 3), torch.arange(23) % 50
 
+    q = bf16((2, 3, 20, 16), 4)
+
     def everything():
         buffer = logits.clone()
+        attention = (native.causal_attention(q, q, q),) if native.library().causal_attention_available() else ()
         return (native._gelu_forward(x), native.causal_softmax(s, 0.3),
-                native.cross_entropy_rows_(buffer, targets), buffer)
+                native.cross_entropy_rows_(buffer, targets), buffer, *attention)
 
     one = everything()
     torch.set_num_threads(2)
@@ -196,11 +199,12 @@ def test_the_cpu_trainer_plugs_the_kernels_in_only_for_bf16(monkeypatch):
     with autocast_context(torch.device("cpu"), torch.bfloat16):
         assert layers._TRAINING_KERNELS["gelu_tanh"] is native.gelu_tanh
         assert layers._TRAINING_KERNELS["causal_softmax"] is native.causal_softmax
+        assert layers._TRAINING_KERNELS["causal_attention"] is native.causal_attention
         assert layers.gelu(mlp_input, "tanh").grad_fn.name().startswith("_GeluTanh")
         with torch.no_grad():  # evaluation and inference keep torch's ops
             assert layers.gelu(mlp_input, "tanh").grad_fn is None
         assert layers.gelu(mlp_input, "none").grad_fn.name().startswith("Gelu")
-    assert layers._TRAINING_KERNELS == {"gelu_tanh": None, "causal_softmax": None}
+    assert layers._TRAINING_KERNELS == {"gelu_tanh": None, "causal_softmax": None, "causal_attention": None}
     with autocast_context(torch.device("cpu"), torch.float16):
         assert layers._TRAINING_KERNELS["gelu_tanh"] is None
     monkeypatch.setattr(native, "_LIBRARY", [None])  # no compiler: torch's ops
@@ -208,11 +212,39 @@ def test_the_cpu_trainer_plugs_the_kernels_in_only_for_bf16(monkeypatch):
         assert layers._TRAINING_KERNELS["gelu_tanh"] is None
 
 
+needs_bf16_attention = pytest.mark.skipif(
+    native.library() is None or not native.library().causal_attention_available(),
+    reason="the C attention needs a compiler targeting AVX-512 BF16")
+
+
+@needs_bf16_attention
+@given(batch=st.integers(1, 2), kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]),
+       t=st.integers(1, 40), d=st.sampled_from([16, 32, 64, 80]), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_causal_attention_equals_the_reference_values_and_gradients(batch, kv_heads, group, t, d, seed):
+    heads = kv_heads * group
+    # [B, T, H, D] storage seen as [B, H, T, D], as the model's projections hand them over
+    q = bf16((batch, t, heads, d), seed).transpose(1, 2).requires_grad_()
+    k, v = (bf16((batch, t, kv_heads, d), seed + i).transpose(1, 2).requires_grad_() for i in (1, 2))
+    grad_out = bf16((batch, heads, t, d), seed + 3)
+    out = native.causal_attention(q, k, v)
+    out.backward(grad_out)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    expected = layers.reference_attention(q64, layers.repeat_kv(k64, group), layers.repeat_kv(v64, group), None)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+    for ours, exact in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        scale = exact.abs().max().item() + 1e-3
+        assert (ours.double() - exact).abs().max().item() <= 2e-2 * scale
+
+
 def test_model_attention_through_the_kernel_matches_sdpa():
     q, k, v = (bf16((2, 3, 24, 16), seed).requires_grad_() for seed in range(3))
     with autocast_context(torch.device("cpu"), torch.bfloat16):
         out = layers.attend(q, k, v, None)
     assert out.grad_fn is not None
+    if native.library().causal_attention_available():
+        assert out.grad_fn.name().startswith("_CausalAttention")
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
 

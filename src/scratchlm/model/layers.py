@@ -144,6 +144,9 @@ def attend(
     # that may see everything cached; only the first needs the causal flag (fast kernel path).
     is_causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
     if is_causal and dropout_p == 0.0 and use_bmm_causal_attention(q):
+        fast = _TRAINING_KERNELS["causal_attention"]
+        if fast is not None and fast.applies(q, k):  # GQA inside: no repeated keys/values
+            return fast(q, k, v)
         return causal_attention_bmm(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep))
     # enable_gqa lets the kernel share each key/value head without materialising the copies
     return F.scaled_dot_product_attention(
@@ -179,17 +182,20 @@ def use_bmm_causal_attention(q: torch.Tensor) -> bool:
 
 
 # Kernels a trainer may plug in for bf16 training steps on a CPU (scratchlm.train.native):
-# "gelu_tanh"(x) and "causal_softmax"(scores, scale). None = torch's own ops. They are used only
-# where the bmm attention is (grad-enabled bf16 on a CPU), never for inference or exports.
-_TRAINING_KERNELS = {"gelu_tanh": None, "causal_softmax": None}
+# "gelu_tanh"(x), "causal_softmax"(scores, scale) and "causal_attention"(q, k, v) (with an
+# `applies(q, k)` test). None = torch's own ops. They are used only where the bmm attention is
+# (grad-enabled bf16 on a CPU), never for inference or exports.
+_TRAINING_KERNELS = {"gelu_tanh": None, "causal_softmax": None, "causal_attention": None}
 
 
 @contextlib.contextmanager
-def training_kernels(gelu_tanh=None, causal_softmax=None):
-    """Within this context, tanh-GELU and the bmm causal attention's softmax of bf16 CPU tensors
-    that need gradients run through the given functions (same maths, faster kernels)."""
+def training_kernels(gelu_tanh=None, causal_softmax=None, causal_attention=None):
+    """Within this context, tanh-GELU and the causal attention (whole, or the bmm path's softmax)
+    of bf16 CPU tensors that need gradients run through the given functions (same maths,
+    faster kernels)."""
     previous = dict(_TRAINING_KERNELS)
-    _TRAINING_KERNELS.update(gelu_tanh=gelu_tanh, causal_softmax=causal_softmax)
+    _TRAINING_KERNELS.update(gelu_tanh=gelu_tanh, causal_softmax=causal_softmax,
+                             causal_attention=causal_attention)
     try:
         yield
     finally:

@@ -1,4 +1,5 @@
-/* Elementwise hot loops of a bf16 training step on a CPU, for scratchlm.train.native.
+/* Hot loops of a bf16 training step on a CPU, for scratchlm.train.native (the causal attention
+   at the end has its own note).
 
    What torch runs slowly here, measured at the benchmark shape (n_layer 4, d_model 256,
    4,096 tokens a step) on the 2-core Zen 4 box: tanh-GELU forward and backward in bf16
@@ -21,7 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define NATIVE_TRAIN_VERSION 4
+#define NATIVE_TRAIN_VERSION 5
 
 int native_train_version(void) { return NATIVE_TRAIN_VERSION; }
 
@@ -213,3 +214,284 @@ void adamw_f32(float *restrict p, const float *restrict g, float *restrict m, fl
         p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
     }
 }
+
+/* ---- Causal attention with AVX-512 BF16 dot products -------------------------------------- */
+
+/* Training attention of one layer, softmax(scale q k^T + causal) v, forward and backward, for
+   bf16 q [B, H, T, D] and k, v [B, Hkv, T, D] given by strides (d contiguous; query head h
+   reads kv head h / (H / Hkv)). Why here and not as torch's bmm + softmax + bmm: half the
+   score matrix is masked, and batched GEMMs compute it anyway (and run at ~160 GFLOP/s at
+   these small [T, T] x [T, D] shapes); these loops skip every key block after the query block
+   and fuse the softmax into the score pass.
+
+   The products use VDPBF16PS: each fp32 lane adds a[2l] b[2l] + a[2l+1] b[2l+1], so both
+   operands come in pairs along the summed index. One operand is broadcast one pair (a 32-bit
+   word) at a time, the other is packed once per head so that a 512-bit load holds the pairs of
+   16 output columns:
+     key tiles   [Tp/16][D/2][16] pairs (along d) of 16 keys    -> scores / dP, lanes = keys
+     row pairs   [Tp/2][D] pairs (along t) of two rows' d-th values -> P v, dS k, ..., lanes = d
+   P (the bf16 probabilities, as the bmm path keeps them) is saved for backward as [T, Tp]
+   rows, zero after the diagonal. Rounding follows the bmm path: scores and softmax in fp32,
+   P rounded to bf16 before P v, products accumulated in fp32. Not for masks other than causal,
+   dropout, T != S (a KV cache) or D not a multiple of 16: the Python side checks. */
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#include <stdlib.h>
+
+int causal_attention_available(void) { return 1; }
+
+#define ATT_ROWS 4 /* query (or key) rows per block: 4 x 4 fp32 accumulators of 16 lanes */
+
+static inline uint32_t load_pair(const uint16_t *p) {
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return u;
+}
+
+static inline __m512bh bcast_pair(uint32_t u) { return (__m512bh)_mm512_set1_epi32((int)u); }
+
+/* out[jt][p][l] = (x[jt*16 + l][2p], x[jt*16 + l][2p + 1]); rows >= t are zero. */
+static void pack_key_tiles(const uint16_t *x, int64_t row_stride, int64_t t, int64_t tp, int64_t d,
+                           uint32_t *restrict out) {
+    for (int64_t jt = 0; jt < tp / 16; jt++)
+        for (int64_t p = 0; p < d / 2; p++)
+            for (int64_t l = 0; l < 16; l++) {
+                int64_t j = jt * 16 + l;
+                out[(jt * (d / 2) + p) * 16 + l] = j < t ? load_pair(x + j * row_stride + 2 * p) : 0u;
+            }
+}
+
+/* out[jp][c] = (x[2 jp][c], x[2 jp + 1][c]) for c < cols; rows >= t are zero. */
+static void pack_row_pairs(const uint16_t *x, int64_t row_stride, int64_t t, int64_t tp, int64_t cols,
+                           uint32_t *restrict out) {
+    for (int64_t jp = 0; jp < tp / 2; jp++) {
+        const uint16_t *r0 = x + 2 * jp * row_stride, *r1 = r0 + row_stride;
+        uint32_t *o = out + jp * cols;
+        if (2 * jp + 1 < t)
+            for (int64_t c = 0; c < cols; c++) o[c] = (uint32_t)r0[c] | ((uint32_t)r1[c] << 16);
+        else if (2 * jp < t)
+            for (int64_t c = 0; c < cols; c++) o[c] = r0[c];
+        else
+            memset(o, 0, sizeof(uint32_t) * (size_t)cols);
+    }
+}
+
+/* s[r][jt*16 + l] = alpha * sum_d a_r[d] x[jt*16 + l][d] for rows r < nr <= 4 (a_r: bf16 rows,
+   d contiguous) and key tiles jt < ntiles of the packed x. Two tiles x four rows at a time in
+   eight named accumulators, so they stay in registers. */
+static void rows_times_key_tiles(const uint16_t *const *a, int nr, const uint32_t *xt, int64_t ntiles,
+                                 int64_t d, float alpha, float *restrict s, int64_t s_stride) {
+    int64_t pairs = d / 2;
+    const uint16_t *a0 = a[0], *a1 = nr > 1 ? a[1] : a0, *a2 = nr > 2 ? a[2] : a0, *a3 = nr > 3 ? a[3] : a0;
+    __m512 scale = _mm512_set1_ps(alpha);
+    for (int64_t jt = 0; jt < ntiles; jt += 2) {
+        int two = jt + 1 < ntiles;
+        __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00;
+        __m512 c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+        const uint32_t *x0 = xt + jt * pairs * 16, *x1 = two ? x0 + pairs * 16 : x0;
+        for (int64_t p = 0; p < pairs; p++) {
+            __m512bh k0 = (__m512bh)_mm512_loadu_si512(x0 + p * 16);
+            __m512bh k1 = (__m512bh)_mm512_loadu_si512(x1 + p * 16);
+            __m512bh q0 = bcast_pair(load_pair(a0 + 2 * p)), q1 = bcast_pair(load_pair(a1 + 2 * p));
+            __m512bh q2 = bcast_pair(load_pair(a2 + 2 * p)), q3 = bcast_pair(load_pair(a3 + 2 * p));
+            c00 = _mm512_dpbf16_ps(c00, q0, k0); c01 = _mm512_dpbf16_ps(c01, q0, k1);
+            c10 = _mm512_dpbf16_ps(c10, q1, k0); c11 = _mm512_dpbf16_ps(c11, q1, k1);
+            c20 = _mm512_dpbf16_ps(c20, q2, k0); c21 = _mm512_dpbf16_ps(c21, q2, k1);
+            c30 = _mm512_dpbf16_ps(c30, q3, k0); c31 = _mm512_dpbf16_ps(c31, q3, k1);
+        }
+        __m512 rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+        for (int r = 0; r < nr; r++) {
+            _mm512_storeu_ps(s + r * s_stride + jt * 16, _mm512_mul_ps(rows[r][0], scale));
+            if (two) _mm512_storeu_ps(s + r * s_stride + (jt + 1) * 16, _mm512_mul_ps(rows[r][1], scale));
+        }
+    }
+}
+
+/* out[r][c0 + c] (+)= alpha * sum_{p0 <= p < p1} a_r[p * a_stride] . y[p][c0 + c] for rows
+   r < nr <= 4 and the (up to) 64 columns from c0 of the row-pair pack y [pairs][cols]: each a_r
+   element is a pair (u32) that multiplies the pairs of 16 columns per 512-bit load. Sixteen
+   named accumulators (4 rows x 4 x 16 columns). cols - c0 is a multiple of 16. */
+static void pair_rows_times_row_pairs(const uint32_t *const *a, int64_t a_stride, int nr, const uint32_t *y,
+                                      int64_t cols, int64_t c0, int64_t p0, int64_t p1, float alpha,
+                                      float *restrict out, int64_t out_stride, int add) {
+    int nc = (int)((cols - c0) < 64 ? (cols - c0) / 16 : 4);
+    const uint32_t *a0 = a[0], *a1 = nr > 1 ? a[1] : a0, *a2 = nr > 2 ? a[2] : a0, *a3 = nr > 3 ? a[3] : a0;
+    int64_t o1 = nc > 1 ? 16 : 0, o2 = nc > 2 ? 32 : 0, o3 = nc > 3 ? 48 : 0;
+    __m512 z = _mm512_setzero_ps();
+    __m512 c00 = z, c01 = z, c02 = z, c03 = z, c10 = z, c11 = z, c12 = z, c13 = z;
+    __m512 c20 = z, c21 = z, c22 = z, c23 = z, c30 = z, c31 = z, c32 = z, c33 = z;
+    for (int64_t p = p0; p < p1; p++) {
+        const uint32_t *yp = y + p * cols + c0;
+        __m512bh y0 = (__m512bh)_mm512_loadu_si512(yp), y1 = (__m512bh)_mm512_loadu_si512(yp + o1);
+        __m512bh y2 = (__m512bh)_mm512_loadu_si512(yp + o2), y3 = (__m512bh)_mm512_loadu_si512(yp + o3);
+        __m512bh w0 = bcast_pair(a0[p * a_stride]), w1 = bcast_pair(a1[p * a_stride]);
+        __m512bh w2 = bcast_pair(a2[p * a_stride]), w3 = bcast_pair(a3[p * a_stride]);
+        c00 = _mm512_dpbf16_ps(c00, w0, y0); c01 = _mm512_dpbf16_ps(c01, w0, y1);
+        c02 = _mm512_dpbf16_ps(c02, w0, y2); c03 = _mm512_dpbf16_ps(c03, w0, y3);
+        c10 = _mm512_dpbf16_ps(c10, w1, y0); c11 = _mm512_dpbf16_ps(c11, w1, y1);
+        c12 = _mm512_dpbf16_ps(c12, w1, y2); c13 = _mm512_dpbf16_ps(c13, w1, y3);
+        c20 = _mm512_dpbf16_ps(c20, w2, y0); c21 = _mm512_dpbf16_ps(c21, w2, y1);
+        c22 = _mm512_dpbf16_ps(c22, w2, y2); c23 = _mm512_dpbf16_ps(c23, w2, y3);
+        c30 = _mm512_dpbf16_ps(c30, w3, y0); c31 = _mm512_dpbf16_ps(c31, w3, y1);
+        c32 = _mm512_dpbf16_ps(c32, w3, y2); c33 = _mm512_dpbf16_ps(c33, w3, y3);
+    }
+    __m512 rows[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
+    __m512 scale = _mm512_set1_ps(alpha);
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) {
+            float *o = out + r * out_stride + c0 + c * 16;
+            __m512 v = _mm512_mul_ps(rows[r][c], scale);
+            _mm512_storeu_ps(o, add ? _mm512_add_ps(_mm512_loadu_ps(o), v) : v);
+        }
+}
+
+static void store_bf16_row(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t c = 0; c < n; c++) dst[c] = f32_to_bf16(src[c]);
+}
+
+/* out rows [r0, r0 + nr) of a [rows, cols] product as a_r . y, with rows of pairs a_r */
+static void pair_rows_block(const uint32_t *a_base, int64_t a_row_stride, int64_t a_stride, int nr,
+                            const uint32_t *y, int64_t cols, int64_t p0, int64_t p1, float alpha,
+                            float *out, int64_t out_stride, int add) {
+    const uint32_t *a[ATT_ROWS] = {0};
+    for (int r = 0; r < nr; r++) a[r] = a_base + r * a_row_stride;
+    for (int64_t c0 = 0; c0 < cols; c0 += 64)
+        pair_rows_times_row_pairs(a, a_stride, nr, y, cols, c0, p0, p1, alpha, out, out_stride, add);
+}
+
+/* Forward for heads [start, stop) of B*H: o [B, T, H, D] (contiguous), p [B*H, T, Tp]. */
+void causal_attention_fwd_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o,
+                               uint16_t *p, int64_t h, int64_t hkv, int64_t t, int64_t d,
+                               int64_t sqb, int64_t sqh, int64_t sqt, int64_t skb, int64_t skh, int64_t skt,
+                               float scale, int64_t start, int64_t stop) {
+    int64_t tp = (t + 15) / 16 * 16, rep = h / hkv;
+    uint32_t *kt = malloc(sizeof(uint32_t) * (size_t)(tp * d / 2));
+    uint32_t *vp = malloc(sizeof(uint32_t) * (size_t)(tp * d / 2));
+    float *s = malloc(sizeof(float) * (size_t)(ATT_ROWS * tp));
+    float *orow = malloc(sizeof(float) * (size_t)(ATT_ROWS * d));
+    int64_t kv_done = -1;
+    for (int64_t unit = start; unit < stop; unit++) {
+        int64_t b = unit / h, hh = unit % h, kv = b * hkv + hh / rep;
+        if (kv != kv_done) { /* consecutive query heads of a group share the packs */
+            pack_key_tiles(k + b * skb + (hh / rep) * skh, skt, t, tp, d, kt);
+            pack_row_pairs(v + b * skb + (hh / rep) * skh, skt, t, tp, d, vp);
+            kv_done = kv;
+        }
+        const uint16_t *qh = q + b * sqb + hh * sqh;
+        uint16_t *ph = p + unit * t * tp;
+        for (int64_t i0 = 0; i0 < t; i0 += ATT_ROWS) {
+            int nr = (int)(t - i0 < ATT_ROWS ? t - i0 : ATT_ROWS);
+            const uint16_t *a[ATT_ROWS] = {0};
+            for (int r = 0; r < nr; r++) a[r] = qh + (i0 + r) * sqt;
+            int64_t nkeys = i0 + nr;
+            rows_times_key_tiles(a, nr, kt, (nkeys + 15) / 16, d, scale, s, tp);
+            for (int r = 0; r < nr; r++) {
+                int64_t i = i0 + r, n = i + 1;
+                float *sr = s + r * tp, m = -FLT_MAX, sum = 0.0f;
+                for (int64_t j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
+                for (int64_t j = 0; j < n; j++) {
+                    sr[j] = exp_approx(sr[j] - m);
+                    sum += sr[j];
+                }
+                float inv = 1.0f / sum;
+                uint16_t *pr = ph + i * tp;
+                for (int64_t j = 0; j < n; j++) pr[j] = f32_to_bf16(sr[j] * inv);
+                memset(pr + n, 0, (size_t)(tp - n) * sizeof(uint16_t));
+            }
+            pair_rows_block((const uint32_t *)(ph + i0 * tp), tp / 2, 1, nr, vp, d, 0, (nkeys + 1) / 2,
+                            1.0f, orow, d, 0);
+            for (int r = 0; r < nr; r++)
+                store_bf16_row(orow + r * d, o + ((b * t + i0 + r) * h + hh) * d, d);
+        }
+    }
+    free(kt);
+    free(vp);
+    free(s);
+    free(orow);
+}
+
+/* Backward for the (batch, kv head) units [start, stop) of B*Hkv (each unit owns its dk, dv rows
+   and the dq rows of its query heads): dq [B, T, H, D], dk, dv [B, T, Hkv, D] (contiguous).
+   dV and dK are made transposed, dV^T = dO^T P and dK^T = scale q^T dS, so that P and dS are
+   read as row pairs (two rows interleaved, a contiguous pass) rather than transposed. */
+void causal_attention_bwd_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *p,
+                               const uint16_t *go, uint16_t *dq, uint16_t *dk, uint16_t *dv,
+                               int64_t h, int64_t hkv, int64_t t, int64_t d,
+                               int64_t sqb, int64_t sqh, int64_t sqt, int64_t skb, int64_t skh, int64_t skt,
+                               int64_t sgb, int64_t sgh, int64_t sgt, float scale, int64_t start, int64_t stop) {
+    int64_t tp = (t + 15) / 16 * 16, rep = h / hkv;
+    size_t pack = sizeof(uint32_t) * (size_t)(tp * d / 2);
+    uint32_t *vt = malloc(pack), *kp = malloc(pack), *gp = malloc(pack), *qp = malloc(pack);
+    uint32_t *pp = malloc(sizeof(uint32_t) * (size_t)(tp * tp / 2));
+    uint32_t *dsp = malloc(sizeof(uint32_t) * (size_t)(tp * tp / 2));
+    uint16_t *ds = calloc((size_t)(tp * tp), sizeof(uint16_t));
+    float *dprow = malloc(sizeof(float) * (size_t)(ATT_ROWS * tp));
+    float *acc = malloc(sizeof(float) * (size_t)(ATT_ROWS * d));
+    float *dkt = malloc(sizeof(float) * (size_t)(d * tp)), *dvt = malloc(sizeof(float) * (size_t)(d * tp));
+    for (int64_t unit = start; unit < stop; unit++) {
+        int64_t b = unit / hkv, g = unit % hkv;
+        const uint16_t *kh = k + b * skb + g * skh, *vh = v + b * skb + g * skh;
+        pack_key_tiles(vh, skt, t, tp, d, vt);
+        pack_row_pairs(kh, skt, t, tp, d, kp);
+        memset(dkt, 0, sizeof(float) * (size_t)(d * tp));
+        memset(dvt, 0, sizeof(float) * (size_t)(d * tp));
+        for (int64_t hh = g * rep; hh < (g + 1) * rep; hh++) {
+            const uint16_t *qh = q + b * sqb + hh * sqh, *gh = go + b * sgb + hh * sgh;
+            const uint16_t *ph = p + (b * h + hh) * t * tp;
+            pack_row_pairs(gh, sgt, t, tp, d, gp);
+            pack_row_pairs(qh, sqt, t, tp, d, qp);
+            for (int64_t i0 = 0; i0 < t; i0 += ATT_ROWS) {
+                int nr = (int)(t - i0 < ATT_ROWS ? t - i0 : ATT_ROWS);
+                const uint16_t *a[ATT_ROWS] = {0};
+                for (int r = 0; r < nr; r++) a[r] = gh + (i0 + r) * sgt;
+                int64_t nkeys = i0 + nr;
+                rows_times_key_tiles(a, nr, vt, (nkeys + 15) / 16, d, 1.0f, dprow, tp);
+                for (int r = 0; r < nr; r++) { /* dS = P (dP - sum_j P dP), 0 after the diagonal */
+                    int64_t i = i0 + r, n = i + 1;
+                    const uint16_t *pr = ph + i * tp;
+                    const float *gr = dprow + r * tp;
+                    float dot = 0.0f;
+                    for (int64_t j = 0; j < n; j++) dot += bf16_to_f32(pr[j]) * gr[j];
+                    uint16_t *out = ds + i * tp;
+                    for (int64_t j = 0; j < n; j++) out[j] = f32_to_bf16(bf16_to_f32(pr[j]) * (gr[j] - dot));
+                    memset(out + n, 0, (size_t)(tp - n) * sizeof(uint16_t));
+                }
+                pair_rows_block((const uint32_t *)(ds + i0 * tp), tp / 2, 1, nr, kp, d, 0, (nkeys + 1) / 2,
+                                scale, acc, d, 0);
+                for (int r = 0; r < nr; r++)
+                    store_bf16_row(acc + r * d, dq + ((b * t + i0 + r) * h + hh) * d, d);
+            }
+            pack_row_pairs(ph, tp, t, tp, tp, pp);
+            pack_row_pairs(ds, tp, t, tp, tp, dsp);
+            /* dV^T[c][j] = sum_i dO[i][c] P[i][j]: rows c of dO^T are columns of the dO pack */
+            for (int64_t c = 0; c < d; c += ATT_ROWS) {
+                int nr = (int)(d - c < ATT_ROWS ? d - c : ATT_ROWS);
+                for (int64_t j0 = 0; j0 < tp; j0 += 64) { /* queries i >= key j0: pairs from j0 / 2 */
+                    const uint32_t *ag[ATT_ROWS], *aq[ATT_ROWS];
+                    for (int r = 0; r < nr; r++) {
+                        ag[r] = gp + c + r;
+                        aq[r] = qp + c + r;
+                    }
+                    pair_rows_times_row_pairs(ag, d, nr, pp, tp, j0, j0 / 2, (t + 1) / 2, 1.0f, dvt + c * tp, tp, 1);
+                    pair_rows_times_row_pairs(aq, d, nr, dsp, tp, j0, j0 / 2, (t + 1) / 2, scale, dkt + c * tp, tp, 1);
+                }
+            }
+        }
+        for (int64_t j = 0; j < t; j++) {
+            uint16_t *dkr = dk + ((b * t + j) * hkv + g) * d, *dvr = dv + ((b * t + j) * hkv + g) * d;
+            for (int64_t c = 0; c < d; c++) {
+                dkr[c] = f32_to_bf16(dkt[c * tp + j]);
+                dvr[c] = f32_to_bf16(dvt[c * tp + j]);
+            }
+        }
+    }
+    free(vt); free(kp); free(gp); free(qp); free(pp); free(dsp); free(ds);
+    free(dprow); free(acc); free(dkt); free(dvt);
+}
+
+#else
+int causal_attention_available(void) { return 0; }
+void causal_attention_fwd_bf16(void) {}
+void causal_attention_bwd_bf16(void) {}
+#endif

@@ -1,17 +1,21 @@
-"""C kernels for the elementwise parts of a bf16 training step on a CPU, as torch functions.
+"""C kernels for the hot parts of a bf16 training step on a CPU, as torch functions.
 
-`_native_train.c` holds three hot loops that torch runs slowly at a small model's shapes (see
-that file): tanh-GELU forward/backward, the causal softmax of attention forward/backward, and
-the cross-entropy of a chunk of logits (loss per row and the softmax - one-hot gradient, in
-place). It is compiled on first use by `scratchlm.native` into a per-user cache keyed by
-the source, the flags and the CPU, and loaded with ctypes (no Python or torch headers).
-`library()` is None where there is no compiler, the build fails, or `SCRATCHLM_NATIVE=0`;
-callers then keep torch's ops. Each call is split by rows across `torch.get_num_threads()`
-threads (ctypes releases the GIL), and every row is computed the same way whatever the split,
-so results do not depend on the thread count.
+`_native_train.c` holds the loops that torch runs slowly at a small model's shapes (see that
+file): tanh-GELU forward/backward, the causal softmax of attention forward/backward, the
+cross-entropy of a chunk of logits (loss per row and the softmax - one-hot gradient, in place),
+the whole causal attention forward/backward with AVX-512 BF16 dot products (it skips the masked
+half of the scores, which batched GEMMs compute), AdamW's update and a bf16-into-fp32 add. It is
+compiled on first use by `scratchlm.native` into a per-user cache keyed by the source, the flags
+and the CPU, and loaded with ctypes (no Python or torch headers). `library()` is None where
+there is no compiler, the build fails, or `SCRATCHLM_NATIVE=0`; callers then keep torch's ops
+(and the attention is skipped where the compiler did not target AVX-512 BF16). Each call is
+split by rows (or heads) across `torch.get_num_threads()` threads (ctypes releases the GIL), and
+every row is computed the same way whatever the split, so results do not depend on the thread
+count.
 
-Public: `library()`, `gelu_tanh(x)` and `causal_softmax(scores, scale)` (autograd functions for
-bf16 CPU tensors), `cross_entropy_rows_(logits, targets)`, `add_bf16_to_f32_(dst, src)` (the
+Public: `library()`, `gelu_tanh(x)`, `causal_softmax(scores, scale)` and `causal_attention(q, k,
+v)` (autograd functions for bf16 CPU tensors; `causal_attention_applies(q, k)` says where the
+last one can run), `cross_entropy_rows_(logits, targets)`, `add_bf16_to_f32_(dst, src)` (the
 fused loss's accumulation of weight gradients), and `adamw_step_(...)`, AdamW's update
 of one fp32 parameter in one pass (used by `scratchlm.train.optim`). Not for fp32/fp16 tensors, GPUs or
 inference (the model's own torch path is what inference and exports are tested against).
@@ -31,7 +35,7 @@ SOURCE = Path(__file__).with_name("_native_train.c")
 # -ffast-math lets gcc vectorise the kernels' sums and maxima (scratchlm.native keeps it out of
 # the link step, where it would turn on flush-to-zero for the whole process).
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=gnu11"]
-VERSION = 4  # NATIVE_TRAIN_VERSION in _native_train.c
+VERSION = 5  # NATIVE_TRAIN_VERSION in _native_train.c
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -43,6 +47,9 @@ _SIGNATURES = {
     "cross_entropy_rows_bf16": ([_P, _P, _P, _I, _I, _I, _P], None),
     "adamw_f32": ([_P, _P, _P, _P, _I, _I, _F, _F, _F, _F, _F, _F], None),
     "add_bf16_to_f32": ([_P, _P, _I, _I], None),
+    "causal_attention_available": ([], ctypes.c_int),
+    "causal_attention_fwd_bf16": ([_P] * 5 + [_I] * 4 + [_I] * 6 + [_F, _I, _I], None),
+    "causal_attention_bwd_bf16": ([_P] * 8 + [_I] * 4 + [_I] * 9 + [_F, _I, _I], None),
 }
 
 _LIBRARY: list = []  # [] = not tried yet, [None] = unavailable, [lib] = loaded
@@ -167,6 +174,68 @@ def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
     if scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"causal_softmax needs square [..., T, T] scores, got {tuple(scores.shape)}")
     return _CausalSoftmax.apply(scores, float(scale))
+
+
+# ---- causal attention ----------------------------------------------------------------------
+
+
+def causal_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True where `causal_attention` can take these [B, H, T, D] queries and [B, Hkv, T, D] keys:
+    bf16 on a CPU whose compiler had AVX-512 BF16, T == S, D a multiple of 16."""
+    lib = library()
+    return (lib is not None and bool(lib.causal_attention_available()) and q.dtype == torch.bfloat16
+            and q.device.type == "cpu" and q.shape[-1] % 16 == 0 and q.shape[-2] == k.shape[-2]
+            and q.shape[1] % k.shape[1] == 0)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        q, k, v = (_rows_contiguous(x.to(torch.bfloat16)) for x in (q, k, v))
+        if k.stride() != v.stride():
+            k, v = k.contiguous(), v.contiguous()
+        B, H, T, D = q.shape
+        hkv = k.shape[1]
+        padded = (T + 15) // 16 * 16
+        out = torch.empty(B, T, H, D, dtype=torch.bfloat16)
+        probs = torch.empty(B * H, T, padded, dtype=torch.bfloat16)
+        lib = library()
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), probs.data_ptr(), H, hkv, T, D,
+                *q.stride()[:3], *k.stride()[:3], scale)
+        _run_split(lambda i, a, b: lib.causal_attention_fwd_bf16(*args, a, b), _split_rows(B * H, T * T * D))
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale = scale
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, probs = ctx.saved_tensors
+        grad = _rows_contiguous(grad.to(torch.bfloat16))
+        B, H, T, D = q.shape
+        hkv = k.shape[1]
+        dq = torch.empty(B, T, H, D, dtype=torch.bfloat16)
+        dk, dv = (torch.empty(B, T, hkv, D, dtype=torch.bfloat16) for _ in range(2))
+        lib = library()
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), probs.data_ptr(), grad.data_ptr(), dq.data_ptr(),
+                dk.data_ptr(), dv.data_ptr(), H, hkv, T, D, *q.stride()[:3], *k.stride()[:3],
+                *grad.stride()[:3], ctx.scale)
+        _run_split(lambda i, a, b: lib.causal_attention_bwd_bf16(*args, a, b),
+                   _split_rows(B * hkv, (H // hkv) * T * T * D))
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + causal) v for bf16 q [B, H, T, D] and k, v [B, Hkv, T, D]
+    (query head h uses kv head h // (H / Hkv)); the result is a [B, H, T, D] view of a
+    contiguous [B, T, H, D] tensor. Check `causal_attention_applies` first."""
+    return _CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5)
+
+
+causal_attention.applies = causal_attention_applies
 
 
 # ---- cross-entropy rows --------------------------------------------------------------------

@@ -173,7 +173,8 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
 
             if native.library() is not None:
                 stack.enter_context(training_kernels(gelu_tanh=native.gelu_tanh,
-                                                     causal_softmax=native.causal_softmax))
+                                                     causal_softmax=native.causal_softmax,
+                                                     causal_attention=native.causal_attention))
         return stack
     return torch.autocast(device_type=device.type, dtype=dtype)
 
