@@ -478,11 +478,14 @@ void causal_attention_bwd_bf16(const uint16_t *q, const uint16_t *k, const uint1
                 }
             }
         }
-        for (int64_t j = 0; j < t; j++) {
-            uint16_t *dkr = dk + ((b * t + j) * hkv + g) * d, *dvr = dv + ((b * t + j) * hkv + g) * d;
-            for (int64_t c = 0; c < d; c++) {
-                dkr[c] = f32_to_bf16(dkt[c * tp + j]);
-                dvr[c] = f32_to_bf16(dvt[c * tp + j]);
+        /* back to rows: read each transposed row once, in order (gathering columns was slower) */
+        int64_t row_stride = hkv * d;
+        uint16_t *dk0 = dk + (b * t * hkv + g) * d, *dv0 = dv + (b * t * hkv + g) * d;
+        for (int64_t c = 0; c < d; c++) {
+            const float *kr = dkt + c * tp, *vr = dvt + c * tp;
+            for (int64_t j = 0; j < t; j++) {
+                dk0[j * row_stride + c] = f32_to_bf16(kr[j]);
+                dv0[j * row_stride + c] = f32_to_bf16(vr[j]);
             }
         }
     }
