@@ -78,3 +78,13 @@ def test_fused_loss_is_exact_when_the_target_probability_underflows():
     torch.testing.assert_close(fused, plain)
     for a, b in zip(torch.autograd.grad(plain, (h, w)), torch.autograd.grad(fused, (h, w))):
         torch.testing.assert_close(a, b)
+
+
+def test_a_second_backward_through_the_fused_loss_is_refused_not_doubled():
+    # backward scales the gradients forward made in place, so running it twice must fail loudly
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    loss = fused_linear_cross_entropy(h, w, torch.randint(0, 50, (64,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

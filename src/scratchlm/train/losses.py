@@ -45,7 +45,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, ignore_index):
         if _native_applies(h, weight, compute_dtype):
-            grad_h, grad_w, loss = _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index)
+            grad_h, grad_w, loss, ctx.grad_w_scale = _native_forward(ctx, h, weight, targets, compute_dtype,
+                                                                     ignore_index)
             ctx.save_for_backward(grad_h, grad_w)
             return loss
         n = h.shape[0]
@@ -84,13 +85,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.div_(count).to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
+        ctx.grad_w_scale = 1.0
         return (total / count).to(torch.promote_types(h.dtype, acc_dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * grad_out if grad_w is not None else None
+        # Both were made by forward for this backward alone: scaled in place, no new [vocab, d]
+        # tensor (a second backward through the same graph is refused by torch's version check).
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out.to(grad_w.dtype) * ctx.grad_w_scale) if grad_w is not None else None
         return gh, gw, None, None, None, None
 
 
@@ -166,7 +170,7 @@ def _native_forward(ctx, h, weight, targets, compute_dtype, ignore_index):
         if need_w:  # fp32 accumulation across groups, the cast and the add in one pass
             product = g.T @ hc[start:stop]
             grad_w = product.float() if grad_w is None else add_bf16_to_f32_(grad_w, product)
-    if grad_w is not None:
-        grad_w = grad_w.div_(count).to(weight.dtype)
+    if grad_w is not None:  # the 1/count of the mean is applied by backward, with its grad_out
+        grad_w = grad_w.to(weight.dtype)
     loss = (total / count).to(torch.promote_types(h.dtype, torch.float32))
-    return grad_h, grad_w, loss
+    return grad_h, grad_w, loss, 1.0 / count
