@@ -151,9 +151,12 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        logits: bool = True,
     ) -> torch.Tensor:
-        return self.lm_head(self.features(idx, positions=positions, attn_mask=attn_mask,
-                                          doc_ids=doc_ids, kv_cache=kv_cache))
+        """Next-token logits; with logits=False the final norm's output that lm_head would map
+        (a loss that fuses the head takes that, through this call so module hooks still run)."""
+        h = self.features(idx, positions=positions, attn_mask=attn_mask, doc_ids=doc_ids, kv_cache=kv_cache)
+        return self.lm_head(h) if logits else h
 
     def features(
         self,
@@ -164,9 +167,7 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """What `lm_head` turns into logits: the final norm's output [B, T, d_model].
-
-        A loss that fuses the head with cross-entropy starts here (scratchlm.train.losses)."""
+        """What `lm_head` turns into logits: the final norm's output [B, T, d_model]."""
         if positions is None:
             positions = self.default_positions(idx, kv_cache)
         if self.config.positions == "learned" and kv_cache is None and idx.shape[1] > self.config.max_seq_len:

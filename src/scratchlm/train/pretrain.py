@@ -150,13 +150,13 @@ def can_fuse_head(model) -> bool:
 def next_token_loss_fused(model, inputs, targets, **kwargs) -> torch.Tensor:
     """Cross-entropy with the output head fused into the loss (see `scratchlm.train.losses`).
 
-    The model computes its final hidden states (`Transformer.features`); the head's weight
-    (tied or not) gets its gradient through the fused function. The model is not modified, so
-    threads may run this on one model at the same time (the trainer's CPU workers do).
+    The model returns its final hidden states (`logits=False`); the head's weight (tied or not)
+    gets its gradient through the fused function. The model is not modified, so threads may run
+    this on one model at the same time (the trainer's CPU workers do).
     """
     from scratchlm.train.losses import fused_linear_cross_entropy
 
-    h = model.features(inputs, **kwargs)
+    h = model(inputs, logits=False, **kwargs)
     return fused_linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, targets.flatten())
 
 
