@@ -17,7 +17,7 @@ from scratchlm.model.config import model_config
 from scratchlm.model.transformer import Transformer
 from scratchlm.train.cpu_workers import CpuWorkers, plan_workers
 from scratchlm.train.pretrain import next_token_loss_fused, pretrain
-from scratchlm.train.trainer import Strategy, _make_cpu_workers
+from scratchlm.train.trainer import Strategy, make_cpu_workers
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +102,13 @@ def test_workers_stay_off_where_they_would_not_be_exact():
     model = Transformer(model_config("gpt2-tiny"))
     params = list(model.parameters())
     cpu = torch.device("cpu")
-    workers = _make_cpu_workers(cfg, model, _SplittableTask(), cpu, Strategy(), None, params)
+    workers = make_cpu_workers(cfg, model, _SplittableTask(), cpu, Strategy(), None, params)
     assert isinstance(workers, CpuWorkers) and workers.workers == 2
     workers.close()
     dropout = Transformer(model_config("gpt2-tiny", dropout=0.1))
-    assert _make_cpu_workers(cfg, dropout, _SplittableTask(), cpu, Strategy(), None, params) is None
-    assert _make_cpu_workers(cfg, model, object(), cpu, Strategy(), None, params) is None
-    assert _make_cpu_workers(cfg, model, _SplittableTask(), cpu, type("DDP", (Strategy,), {})(),
+    assert make_cpu_workers(cfg, dropout, _SplittableTask(), cpu, Strategy(), None, params) is None
+    assert make_cpu_workers(cfg, model, object(), cpu, Strategy(), None, params) is None
+    assert make_cpu_workers(cfg, model, _SplittableTask(), cpu, type("DDP", (Strategy,), {})(),
                              None, params) is None
 
 

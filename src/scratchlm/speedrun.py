@@ -500,37 +500,63 @@ def shape_name(cfg) -> str:
 
 def measure_throughput(cfg, micro_batch: int, seq_len: int, device, dtype, steps: int = 3) -> float:
     """Training tokens per second of `cfg` here and now: a few steps on random tokens, through
-    the same loss, optimizer and precision context the trainer uses (so the plan is not skewed
-    by a slower stand-in: a small model's speed is mostly overheads the trainer has cut)."""
+    the same loss, optimizer, precision context and CPU workers the trainer uses (so the plan is
+    not skewed by a slower stand-in: a small model's speed is mostly overheads the trainer has cut)."""
     import torch
 
     from scratchlm.config import TrainConfig
     from scratchlm.model.transformer import Transformer
     from scratchlm.train.optim import build_optimizer
-    from scratchlm.train.pretrain import next_token_loss_fused
-    from scratchlm.train.trainer import autocast_context
+    from scratchlm.train.trainer import Strategy, autocast_context, make_cpu_workers, thread_autocast
 
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+    train_cfg = TrainConfig(lr=1e-4, micro_batch_size=micro_batch)
+    optimizer = build_optimizer(model, train_cfg)
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
+    batch, task = (tokens[:, :-1], tokens[:, 1:]), _ProbeTask()
+    params = [p for p in model.parameters() if p.requires_grad]
+    workers = make_cpu_workers(train_cfg, model, task, device, Strategy(), None, params)
 
     def step():
         with autocast_context(device, dtype):
-            loss = next_token_loss_fused(model, tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
+            if workers is not None:
+                workers.forward_backward(model, task, batch, 1.0, lambda: thread_autocast(device, dtype))
+            else:
+                loss = task.loss(model, batch)[0]
+        if workers is None:
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocation and kernel selection
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * micro_batch * seq_len / (time.perf_counter() - start)
+    try:
+        step()  # warm-up: allocation and kernel selection
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * micro_batch * seq_len / (time.perf_counter() - start)
+    finally:
+        if workers is not None:
+            workers.close()
+
+
+class _ProbeTask:
+    """The pretraining loss on fixed random windows, for the throughput probe."""
+
+    def split_batch(self, batch, parts: int) -> list[tuple]:
+        from scratchlm.train.cpu_workers import split_rows
+
+        return split_rows(batch, parts)
+
+    def loss(self, model, batch):
+        from scratchlm.train.pretrain import next_token_loss_fused
+
+        inputs, targets = batch
+        return next_token_loss_fused(model, inputs, targets), {}, targets.numel()
 
 
 def bytes_per_token(dataset, tokenizer) -> dict:

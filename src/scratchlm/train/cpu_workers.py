@@ -47,6 +47,11 @@ def plan_workers(requested: int, micro_batch_size: int, threads: int) -> tuple[i
     return workers, max(1, threads // workers)
 
 
+def split_rows(batch, parts: int) -> list[tuple]:
+    """A batch (a tuple of tensors with rows first) as `parts` equal groups of rows."""
+    return list(zip(*(tensor.chunk(parts) for tensor in batch)))
+
+
 def uses_dropout(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "dropout", 0.0) > 0:

@@ -58,7 +58,9 @@ class PretrainTask:
     def split_batch(self, batch, parts: int) -> list[tuple]:
         """The batch as `parts` equal groups of rows (the trainer's CPU workers take one each;
         every window has the same number of targets, so the mean of their losses is exact)."""
-        return list(zip(*(tensor.chunk(parts) for tensor in batch)))
+        from scratchlm.train.cpu_workers import split_rows
+
+        return split_rows(batch, parts)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float], int]:
         inputs, targets, doc_ids = self._to_device(model, batch)

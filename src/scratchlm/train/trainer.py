@@ -440,7 +440,7 @@ def train(
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     runner = torch.compile(wrapped) if cfg.compile else wrapped
-    workers = _make_cpu_workers(cfg, model, task, device, strategy, scaler, params)
+    workers = make_cpu_workers(cfg, model, task, device, strategy, scaler, params)
 
     metrics = MetricsLog(out_dir, enabled=strategy.is_main, tensorboard=cfg.tensorboard)
     if resumed_from is not None:
@@ -567,7 +567,7 @@ def _report_bad_step(step: int, loss_value: float, grad_norm: float, bad_steps: 
         )
 
 
-def _make_cpu_workers(cfg, model, task, device, strategy, scaler, params) -> CpuWorkers | None:
+def make_cpu_workers(cfg, model, task, device, strategy, scaler, params) -> CpuWorkers | None:
     """Threads that split each micro-batch on a CPU (`train.cpu_workers`), where that is safe."""
     if (device.type != "cpu" or type(strategy) is not Strategy or cfg.compile or scaler is not None
             or not hasattr(task, "split_batch") or uses_dropout(model)):
@@ -576,7 +576,7 @@ def _make_cpu_workers(cfg, model, task, device, strategy, scaler, params) -> Cpu
     return CpuWorkers(workers, intra_threads, params) if workers > 1 else None
 
 
-def _thread_autocast(device, dtype):
+def thread_autocast(device, dtype):
     """The per-thread half of `autocast_context` (what a CPU worker thread enters itself)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -596,7 +596,7 @@ def _accumulate(runner, task, accum: int, device, dtype, scaler, strategy, worke
         if workers is not None:
             with autocast_context(device, dtype):  # its process-wide switches hold for the workers
                 loss, micro_metrics, micro_tokens = workers.forward_backward(
-                    runner, task, batch, 1.0 / accum, lambda: _thread_autocast(device, dtype))
+                    runner, task, batch, 1.0 / accum, lambda: thread_autocast(device, dtype))
         else:
             loss, micro_metrics, micro_tokens = _forward_backward(runner, task, batch, accum, micro, device,
                                                                   dtype, scaler, strategy)
