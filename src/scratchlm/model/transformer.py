@@ -155,19 +155,6 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Next-token logits; with logits=False the final norm's output that lm_head would map
         (a loss that fuses the head takes that, through this call so module hooks still run)."""
-        h = self.features(idx, positions=positions, attn_mask=attn_mask, doc_ids=doc_ids, kv_cache=kv_cache)
-        return self.lm_head(h) if logits else h
-
-    def features(
-        self,
-        idx: torch.Tensor,
-        *,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """What `lm_head` turns into logits: the final norm's output [B, T, d_model]."""
         if positions is None:
             positions = self.default_positions(idx, kv_cache)
         if self.config.positions == "learned" and kv_cache is None and idx.shape[1] > self.config.max_seq_len:
@@ -178,7 +165,8 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(idx.shape[1])
-        return self.norm(h)
+        h = self.norm(h)
+        return self.lm_head(h) if logits else h
 
     # -- switches and accounting ------------------------------------------------------------------
 
