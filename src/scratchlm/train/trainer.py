@@ -200,9 +200,9 @@ def estimate_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     # AVX-512 on Intel: 2 FMA units x 16 fp32 lanes x 2 FLOPs = 64 FLOPs/cycle; AMD Zen 4 runs
     # 512-bit FMAs on two 256-bit pipes: 32. Native bf16 dot products (VDPBF16PS) double either.
     per_cycle = 32.0 if "AuthenticAMD" in _cpuinfo() else 64.0
-    if dtype != torch.float32 and cpu_has_native_bf16():
-        per_cycle *= 2
     low_precision = dtype != torch.float32 and cpu_has_native_bf16()
+    if low_precision:
+        per_cycle *= 2
     return cores * max(ghz * 1e9 * per_cycle, _measured_core_gemm_flops(low_precision))
 
 
