@@ -37,6 +37,7 @@ matmul runs in the activations' float dtype after dequantizing the weight).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -673,21 +674,29 @@ def _stages(model, plan) -> list[tuple[nn.Module | None, list[str]]]:
     return stages
 
 
-def _gptq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batch_size, progress) -> None:
-    """Quantize the planned linears block by block, each calibrated on the quantized prefix."""
-    stages = _stages(model, plan)
-    calibration = torch.as_tensor(calibration, dtype=torch.long)
-    device = _device_of(model)
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """The model in eval mode for the block (calibration passes), then back as it was."""
     was_training = model.training
     model.eval()
-    for stop_at, names in _progress(stages, progress, "quantize (gptq)"):
-        hessians = _collect_hessians(model, names, stop_at, calibration, batch_size, device)
-        for name in names:
-            linear = model.get_submodule(name)
-            b, g = plan[name]
-            qw = gptq_quantize_weight(linear.weight.data, hessians[name], b, g)
-            _set_module(model, name, QuantLinear.from_linear(linear, qw, g))
-    model.train(was_training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _gptq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batch_size, progress) -> None:
+    """Quantize the planned linears block by block, each calibrated on the quantized prefix."""
+    calibration = torch.as_tensor(calibration, dtype=torch.long)
+    device = _device_of(model)
+    with _eval_mode(model):
+        for stop_at, names in _progress(_stages(model, plan), progress, "quantize (gptq)"):
+            hessians = _collect_hessians(model, names, stop_at, calibration, batch_size, device)
+            for name in names:
+                linear = model.get_submodule(name)
+                b, g = plan[name]
+                qw = gptq_quantize_weight(linear.weight.data, hessians[name], b, g)
+                _set_module(model, name, QuantLinear.from_linear(linear, qw, g))
 
 
 def _gptq_tied_head(model, bits: int, group_size: int | None, calibration, batch_size: int) -> QuantizedWeight:
@@ -697,10 +706,8 @@ def _gptq_tied_head(model, bits: int, group_size: int | None, calibration, batch
     lookup then reads the same codes, so the model stays tied.
     """
     calibration = torch.as_tensor(calibration, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    hessian = _collect_hessians(model, [HEAD_NAME], None, calibration, batch_size, _device_of(model))[HEAD_NAME]
-    model.train(was_training)
+    with _eval_mode(model):
+        hessian = _collect_hessians(model, [HEAD_NAME], None, calibration, batch_size, _device_of(model))[HEAD_NAME]
     return gptq_quantize_weight(getattr(model, HEAD_NAME).weight.data, hessian, bits, group_size)
 
 
@@ -844,26 +851,23 @@ def _fold_scale(model, producer: str, how: str, consumers: list[str], scale: tor
 def _awq_model(model, plan: dict[str, tuple[int, int | None]], calibration, batch_size, progress) -> None:
     """Block by block (each on the already-quantized prefix): search and fold AWQ scales, then RTN."""
     groups = _awq_groups(model, plan)
-    stages = _stages(model, plan)
     calibration = torch.as_tensor(calibration, dtype=torch.long)
     device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    for stop_at, names in _progress(stages, progress, "quantize (awq)"):
-        mine = [g for g in groups if g[2][0] in names]
-        inputs = _collect_inputs(model, [g[2][0] for g in mine], stop_at, calibration, batch_size, device)
-        for producer, how, consumers in mine:
-            x = inputs[consumers[0]]
-            x = x[:: max(1, x.shape[0] // AWQ_SEARCH_ROWS)]
-            weights = [model.get_submodule(n).weight.data for n in consumers]
-            scale, _ = awq_search_scale(x, weights, [plan[n] for n in consumers])
-            _fold_scale(model, producer, how, consumers, scale)
-        for name in names:
-            linear = model.get_submodule(name)
-            b, g = plan[name]
-            qw = quantize_weight(linear.weight.data, b, g, clip_search=True)
-            _set_module(model, name, QuantLinear.from_linear(linear, qw, g))
-    model.train(was_training)
+    with _eval_mode(model):
+        for stop_at, names in _progress(_stages(model, plan), progress, "quantize (awq)"):
+            mine = [g for g in groups if g[2][0] in names]
+            inputs = _collect_inputs(model, [g[2][0] for g in mine], stop_at, calibration, batch_size, device)
+            for producer, how, consumers in mine:
+                x = inputs[consumers[0]]
+                x = x[:: max(1, x.shape[0] // AWQ_SEARCH_ROWS)]
+                weights = [model.get_submodule(n).weight.data for n in consumers]
+                scale, _ = awq_search_scale(x, weights, [plan[n] for n in consumers])
+                _fold_scale(model, producer, how, consumers, scale)
+            for name in names:
+                linear = model.get_submodule(name)
+                b, g = plan[name]
+                qw = quantize_weight(linear.weight.data, b, g, clip_search=True)
+                _set_module(model, name, QuantLinear.from_linear(linear, qw, g))
 
 
 def _collect_inputs(model, names, stop_at, calibration, batch_size, device) -> dict[str, torch.Tensor]:
